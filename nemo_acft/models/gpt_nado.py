@@ -1,0 +1,213 @@
+"""megatron-core GPT with a NADO head on the last pipeline stage.
+
+The trunk is megatron-core's ``GPTModel`` unchanged. On the last pipeline stage a
+:class:`NADOHead` reads the trunk's final hidden states (detached: the NADO objective never
+moves the trunk), runs optional transformer layers of its own and a vocab-parallel output layer
+initialised at zero (``R = σ(0) = 1/2`` everywhere, so ``q = p`` at the start). Other stages are
+plain GPT stages, so megatron's pipeline schedules need no change (NeMo-Aligner's reward-model
+pattern).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from nemo_acft.models.config import GPTConfig, NADOHeadConfig
+from nemo_acft.models.parallel import tp_group
+from nemo_acft.nado import closed_form_kl
+
+NADO_PREFIX = "nado_head."
+
+
+def layer_spec(use_te: Optional[bool] = None) -> ModuleSpec:
+    """Transformer-layer spec: Transformer Engine's when it is installed and CUDA is up,
+    megatron-core's local modules otherwise (the only choice on CPU)."""
+    if use_te is None:
+        use_te = torch.cuda.is_available()
+        try:
+            import transformer_engine  # noqa: F401
+        except Exception:  # not an ImportError only: TE raises RuntimeError without cuDNN
+            use_te = False
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec()
+
+
+class TokenLosses(NamedTuple):
+    """Per-token outputs of the last stage when labels are given, each ``[b, s]`` fp32."""
+
+    lm_loss: Tensor  # cross-entropy of the labels under p
+    kl: Tensor  # closed-form KL(q || p), gradient p − q into the LM logits
+    log_z: Tensor  # NADO estimate of log R(prefix) (no gradient), for the feasibility gate
+
+
+class NADOHead(MegatronModule):
+    """Optional transformer layers + a zero-initialised vocab-parallel output layer.
+
+    Args:
+        config: the trunk's TransformerConfig (copied; ``fp32`` switches the head's dtype).
+        head: the head's own settings.
+        spec: transformer-layer spec for the head's layers.
+        vocab_size: padded vocabulary size (the same as the LM output layer's).
+        first_layer_number: layer numbers continue the trunk's, so a KV-cache keyed by layer
+            number never mixes the head's layers with the trunk's.
+    """
+
+    def __init__(self, config: TransformerConfig, head: NADOHeadConfig, spec: ModuleSpec,
+                 vocab_size: int, first_layer_number: int):
+        overrides = {"num_layers": max(head.num_layers, 1)}
+        if head.fp32:
+            overrides.update(params_dtype=torch.float32, bf16=False, fp16=False,
+                             pipeline_dtype=torch.float32)
+        head_config = dataclasses.replace(config, **overrides)
+        super().__init__(config=head_config)
+        self.fp32 = head.fp32
+        self.layers = torch.nn.ModuleList(
+            build_module(spec, config=head_config, layer_number=first_layer_number + i)
+            for i in range(head.num_layers)
+        )
+        self.final_layernorm = None
+        if head.num_layers:
+            self.final_layernorm = build_module(
+                spec.submodules.input_layernorm, config=head_config,
+                hidden_size=head_config.hidden_size, eps=head_config.layernorm_epsilon,
+            )
+        self.output_layer = tensor_parallel.ColumnParallelLinear(
+            head_config.hidden_size,
+            vocab_size,
+            config=head_config,
+            init_method=torch.nn.init.zeros_,
+            bias=False,
+            skip_bias_add=False,
+            gather_output=False,
+        )
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
+                rotary_pos_emb: Optional[Tensor] = None, inference_context=None,
+                last_token_only: bool = False) -> Tensor:
+        """Args: hidden_states ``[s, b, h]`` (detached trunk output).
+        Returns: NADO logits ``[s, b, V/TP]`` (vocab-parallel)."""
+        if self.fp32:
+            hidden_states = hidden_states.float()
+        for layer in self.layers:
+            hidden_states, _ = layer(hidden_states=hidden_states, attention_mask=attention_mask,
+                                     rotary_pos_emb=rotary_pos_emb,
+                                     inference_context=inference_context)
+        if self.final_layernorm is not None:
+            hidden_states = self.final_layernorm(hidden_states)
+        if last_token_only:
+            hidden_states = hidden_states[-1:]
+        logits, _ = self.output_layer(hidden_states)
+        return logits
+
+
+class GPTNADOModel(GPTModel):
+    """megatron-core GPTModel + :class:`NADOHead` on the last pipeline stage.
+
+    ``forward(input_ids, position_ids, attention_mask)`` on the last stage returns
+    ``(lm_logits, nado_logits)``, each ``[b, s, V/TP]`` (vocab-parallel); with ``labels`` it
+    returns :class:`TokenLosses`. Other stages return hidden states, like GPTModel.
+
+    The head's parameters live under ``nado_head.`` in the state dict.
+    """
+
+    def __init__(self, config: TransformerConfig, transformer_layer_spec: ModuleSpec,
+                 vocab_size: int, max_sequence_length: int,
+                 nado: NADOHeadConfig = NADOHeadConfig(), **kwargs):
+        if kwargs.get("mtp_block_spec") is not None:
+            raise ValueError("multi-token prediction is not supported with a NADO head")
+        super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, **kwargs)
+        self.nado_config = nado
+        self.nado_head = None
+        if self.post_process:
+            self.nado_head = NADOHead(config, nado, transformer_layer_spec, vocab_size,
+                                      first_layer_number=config.num_layers + 1)
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, rotary_pos_emb,
+                     rotary_pos_cos, rotary_pos_sin, mtp_in_postprocess=None, loss_mask=None,
+                     decoder_input=None, attention_mask=None, inference_params=None,
+                     packed_seq_params=None, sequence_len_offset=None,
+                     runtime_gather_output=None, extra_block_kwargs=None, inference_context=None):
+        if not self.post_process:
+            return hidden_states
+        last_token_only = bool(
+            not self.training and inference_context is not None
+            and inference_context.materialize_only_last_token_logits
+        )
+        nado_logits = self.nado_head(hidden_states.detach(), attention_mask, rotary_pos_emb,
+                                     inference_context, last_token_only)
+        if last_token_only:
+            hidden_states = hidden_states[-1:]
+        output_weight = None
+        if self.share_embeddings_and_output_weights:
+            output_weight = self.shared_embedding_or_output_weight()
+        lm_logits, _ = self.output_layer(hidden_states, weight=output_weight,
+                                         runtime_gather_output=runtime_gather_output)
+        if labels is None:
+            return lm_logits.transpose(0, 1).contiguous(), nado_logits.transpose(0, 1).contiguous()
+        lm_loss = self.compute_language_model_loss(labels, lm_logits)  # [b, s]
+        kl, log_z = closed_form_kl(lm_logits, nado_logits, tp_group(), return_log_z=True)
+        return TokenLosses(lm_loss, kl.transpose(0, 1), log_z.transpose(0, 1))
+
+    # --- checkpoints: trunk and head separately -------------------------------------------
+
+    def load_base_state_dict(self, state_dict: Dict[str, Tensor]) -> None:
+        """Load a plain GPTModel state dict (this rank's shard); the head keeps its weights.
+
+        Raises a KeyError naming the keys if anything but the head is missing or unexpected.
+        """
+        result = self.load_state_dict(state_dict, strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith(NADO_PREFIX)]
+        if missing or result.unexpected_keys:
+            raise KeyError(f"base GPT state dict does not match the trunk: missing {missing}, "
+                           f"unexpected {list(result.unexpected_keys)}")
+
+    def base_state_dict(self) -> Dict[str, Tensor]:
+        """The trunk's state dict without the head: what a plain GPTModel loads."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(NADO_PREFIX)}
+
+    def head_state_dict(self) -> Dict[str, Tensor]:
+        """The NADO head's parameters alone (this rank's shard); empty off the last stage."""
+        return {} if self.nado_head is None else self.nado_head.state_dict()
+
+    def load_head_state_dict(self, state_dict: Dict[str, Tensor]) -> None:
+        """Load parameters saved by :meth:`head_state_dict` (strict)."""
+        if self.nado_head is not None:
+            self.nado_head.load_state_dict(state_dict, strict=True)
+
+
+def build_gpt_nado(cfg: GPTConfig, tp: int = 1, pp: int = 1, pre_process: bool = True,
+                   post_process: bool = True, with_head: bool = True,
+                   use_te: Optional[bool] = None):
+    """Build this rank's stage of the model (trunk + head, or a plain GPTModel when
+    ``with_head`` is False). Process groups must be initialised (see ``init_distributed``)."""
+    config = cfg.transformer_config(tp, pp)
+    kwargs = dict(
+        config=config,
+        transformer_layer_spec=layer_spec(use_te),
+        vocab_size=cfg.padded_vocab_size(tp),
+        max_sequence_length=cfg.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
+        position_embedding_type=cfg.position_embedding_type,
+        parallel_output=True,
+    )
+    if with_head:
+        return GPTNADOModel(nado=cfg.nado, **kwargs)
+    return GPTModel(**kwargs)

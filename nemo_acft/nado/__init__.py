@@ -1,0 +1,25 @@
+"""Math of the method (torch only; optionally a tensor-parallel process group).
+
+Public API: :func:`guided_log_probs`, :func:`closed_form_kl`, :func:`nado_loss`, and the
+vocab-parallel reductions they are built from.
+"""
+
+from nemo_acft.nado.losses import closed_form_kl, guided_log_probs, nado_loss
+from nemo_acft.nado.vocab_parallel import (
+    all_reduce_sum,
+    vocab_logsumexp,
+    vocab_max,
+    vocab_select,
+    vocab_sum,
+)
+
+__all__ = [
+    "closed_form_kl",
+    "guided_log_probs",
+    "nado_loss",
+    "all_reduce_sum",
+    "vocab_logsumexp",
+    "vocab_max",
+    "vocab_select",
+    "vocab_sum",
+]

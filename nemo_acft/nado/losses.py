@@ -1,0 +1,198 @@
+"""The method's math: guided distribution q, closed-form KL(q || p), and the NADO training loss.
+
+Notation (METHOD.md): ``z`` are the LM logits, ``s`` the NADO logits, both ``[..., V]`` over the
+next token, with ``R(x_<=i ∘ v) = σ(s_i[v])``. The guided (constraint-projected) distribution is
+
+    log q_i = log_softmax(z_i + logσ(s_i)),     Z_i = Σ_v p_i(v) σ(s_i[v]).
+
+All tensors named ``*_logits`` may be vocab-parallel: the last dimension is this rank's shard of
+the vocabulary and every normaliser is reduced over ``tp_group`` (see :mod:`.vocab_parallel`).
+Computation is in fp32 for fp16/bf16/fp32 inputs (fp64 stays fp64); results are in that dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from nemo_acft.nado.vocab_parallel import (
+    ProcessGroup,
+    vocab_logsumexp,
+    vocab_max,
+    vocab_select,
+    vocab_sum,
+)
+
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the accumulation dtype: at least fp32."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _shifted_log_sigmoid(nado_logits: torch.Tensor, tp_group: ProcessGroup):
+    """``logσ(s) − max_v logσ(s)`` and the shift ``[..., 1]``.
+
+    The shift cancels in q and in the KL, and keeps ``z + logσ(s)`` at the magnitude of z: with
+    R ≈ 0 everywhere (s ≈ −1e4) an unshifted sum would drop z's low digits in fp32.
+    """
+    log_r = F.logsigmoid(_acc(nado_logits))
+    shift = vocab_max(log_r, tp_group)
+    return log_r - shift, shift
+
+
+def guided_log_probs(
+    lm_logits: torch.Tensor, nado_logits: torch.Tensor, tp_group: ProcessGroup = None
+) -> torch.Tensor:
+    """``log q = log_softmax(z + logσ(s))``: NADO-guided next-token log-probabilities.
+
+    Differentiable in both arguments (plain autograd through the vocab-parallel reductions).
+
+    Args:
+        lm_logits: ``[..., V_local]``, vocab-parallel LM logits ``z``.
+        nado_logits: ``[..., V_local]``, vocab-parallel NADO logits ``s``.
+        tp_group: tensor-parallel group the vocabulary is split over; None = not split.
+    Returns:
+        ``[..., V_local]`` (fp32 or fp64), this rank's shard of ``log q``.
+    """
+    a = _acc(lm_logits) + _shifted_log_sigmoid(nado_logits, tp_group)[0]
+    return a - vocab_logsumexp(a, tp_group).unsqueeze(-1)
+
+
+class _ClosedFormKL(torch.autograd.Function):
+    """KL(q || p) per position with q held constant; backward ``g · (p − q)``, local to the shard."""
+
+    @staticmethod
+    def stats(z, s, tp_group):
+        """Shifted log-weights ``l' = logσ(s) − max logσ(s)`` and the two log-normalisers.
+
+        With the shift, ``Σ q l' − log Z'`` is also free of the cancellation of two large
+        numbers when R is tiny everywhere (logits ≪ 0).
+        """
+        a = _acc(z)
+        log_r, shift = _shifted_log_sigmoid(s, tp_group)
+        lse_p = vocab_logsumexp(a, tp_group)
+        lse_q = vocab_logsumexp(a + log_r, tp_group)
+        return a, log_r, shift.squeeze(-1), lse_p, lse_q
+
+    @staticmethod
+    def forward(ctx, z, s, tp_group):  # noqa: D102
+        a, log_r, shift, lse_p, lse_q = _ClosedFormKL.stats(z, s, tp_group)
+        q = torch.exp(a + log_r - lse_q.unsqueeze(-1))
+        # q · l' with the convention 0 · (−inf) = 0 (a token the NADO head rules out entirely).
+        q_log_r = torch.where(q > 0, q * log_r, torch.zeros_like(q))
+        log_z_shifted = lse_q - lse_p
+        kl = (vocab_sum(q_log_r, tp_group) - log_z_shifted).clamp_min(0.0)
+        log_z = log_z_shifted + shift
+        ctx.tp_group = tp_group
+        ctx.save_for_backward(z, s, lse_p, lse_q, shift)
+        ctx.mark_non_differentiable(log_z)
+        return kl, log_z
+
+    @staticmethod
+    def backward(ctx, grad_kl, _grad_log_z):  # noqa: D102
+        z, s, lse_p, lse_q, shift = ctx.saved_tensors
+        a = _acc(z)
+        # Recomputed rather than saved: two [tokens, V_local] fp32 buffers less between passes.
+        grad = torch.exp(a - lse_p.unsqueeze(-1))
+        grad -= torch.exp(a + F.logsigmoid(_acc(s)) - shift.unsqueeze(-1) - lse_q.unsqueeze(-1))
+        grad *= grad_kl.unsqueeze(-1)
+        return grad.to(z.dtype), None, None
+
+
+def closed_form_kl(
+    lm_logits: torch.Tensor,
+    nado_logits: torch.Tensor,
+    tp_group: ProcessGroup = None,
+    return_log_z: bool = False,
+):
+    """Exact ``KL(q_i || p_i) = Σ_v q_i(v) logσ(s_i[v]) − log Z_i`` at every position.
+
+    q is a stop-gradient target: the gradient w.r.t. the LM logits is exactly ``p − q`` (per unit
+    upstream gradient) and no gradient flows into the NADO logits. No full-vocabulary gather; the
+    backward is local to each vocabulary shard.
+
+    Args:
+        lm_logits: ``[..., V_local]``, vocab-parallel LM logits ``z`` (any float dtype).
+        nado_logits: ``[..., V_local]``, vocab-parallel NADO logits ``s``.
+        tp_group: tensor-parallel group; None = vocabulary not split.
+        return_log_z: also return ``log Z_i`` (the NADO estimate of ``log R(x_<=i)``, no grad),
+            used by the feasibility gate.
+    Returns:
+        ``kl``: ``[...]`` (fp32 or fp64), replicated over ``tp_group``; and ``log_z`` ``[...]`` if asked.
+    """
+    kl, log_z = _ClosedFormKL.apply(lm_logits, nado_logits, tp_group)
+    return (kl, log_z) if return_log_z else kl
+
+
+def nado_loss(
+    lm_logits: torch.Tensor,
+    nado_logits: torch.Tensor,
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    alpha: float = 1.0,
+    tp_group: ProcessGroup = None,
+    weights: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """NADO training loss on labelled samples: per-prefix BCE + α · forward consistency.
+
+    With ``y = tokens`` the realised next tokens and ``c`` the sequence label::
+
+        CE_i   = −[c · logσ(s_i[y_i]) + (1 − c) · logσ(−s_i[y_i])]
+        cons_i = KL_Bern( σ(s_i[y_i]) || r_{i+1} ),   r_j = Σ_v p_j(v) σ(s_j[v])
+
+    ``log r_j`` and ``log(1 − r_j) = log Σ_v p_j(v) σ(−s_j[v])`` are each one vocab-parallel
+    logsumexp: exact in log space, including where ``r`` is within rounding of 1 (where
+    ``log1mexp`` of a rounded ``log r`` would not be).
+
+    Args:
+        lm_logits: ``[b, s, V_local]``, vocab-parallel logits of the frozen base model.
+        nado_logits: ``[b, s, V_local]``, vocab-parallel NADO logits.
+        tokens: ``[b, s]`` int64, ``tokens[:, i]`` is the token that follows position i
+            (megatron's ``labels`` convention: the input shifted left by one).
+        labels: ``[b]`` float oracle labels in [0, 1]; NaN marks a sample without a label
+            (failed oracle call), which is masked out, never counted as 0 or 1.
+        loss_mask: ``[b, s]``, 1 where ``tokens[:, i]`` is a generated token.
+        alpha: weight of the consistency term.
+        tp_group: tensor-parallel group; None = vocabulary not split.
+        weights: optional ``[b]`` importance weights (p / q' of a proposal q'), self-normalised
+            over the labelled samples of the batch.
+    Returns:
+        ``(loss, parts)``: the scalar (fp32 or fp64), and a dict with ``ce``, ``cons`` (per-token means)
+        and ``num_tokens``.
+    """
+    if lm_logits.shape != nado_logits.shape:
+        raise ValueError(f"lm_logits {tuple(lm_logits.shape)} and nado_logits "
+                         f"{tuple(nado_logits.shape)} must have the same shape")
+    if tokens.shape != lm_logits.shape[:-1] or loss_mask.shape != tokens.shape:
+        raise ValueError(f"tokens {tuple(tokens.shape)} and loss_mask {tuple(loss_mask.shape)} "
+                         f"must be {tuple(lm_logits.shape[:-1])}")
+    z, s = _acc(lm_logits), _acc(nado_logits)
+    c = labels.to(z.dtype)
+    labelled = torch.isfinite(c)
+    c = torch.where(labelled, c, torch.zeros_like(c)).unsqueeze(-1)
+    w = labelled.to(z.dtype)
+    if weights is not None:
+        w = w * weights.to(z.dtype)
+        w = w * labelled.sum().clamp_min(1) / w.sum().clamp_min(torch.finfo(w.dtype).tiny)
+    mask = loss_mask.to(z.dtype) * labelled.to(z.dtype).unsqueeze(-1)
+    token_w = mask * w.unsqueeze(-1)
+    num_tokens = mask.sum().clamp_min(1.0)
+
+    s_next = vocab_select(s, tokens, tp_group)  # s_i[y_i], [b, s]
+    ce = -(c * F.logsigmoid(s_next) + (1.0 - c) * F.logsigmoid(-s_next))
+
+    log_p = z - vocab_logsumexp(z, tp_group).unsqueeze(-1)
+    log_r = vocab_logsumexp(log_p + F.logsigmoid(s), tp_group)
+    log_1mr = vocab_logsumexp(log_p + F.logsigmoid(-s), tp_group)
+    la, l1a = F.logsigmoid(s_next[:, :-1]), F.logsigmoid(-s_next[:, :-1])
+    cons = la.exp() * (la - log_r[:, 1:]) + l1a.exp() * (l1a - log_1mr[:, 1:])
+    # Consistency links two generated positions; the last generated token is CE's alone.
+    cons_w = token_w[:, :-1] * mask[:, 1:]
+
+    ce_mean = (ce * token_w).sum() / num_tokens
+    cons_mean = (cons * cons_w).sum() / num_tokens
+    loss = ce_mean + alpha * cons_mean
+    return loss, {"ce": ce_mean.detach(), "cons": cons_mean.detach(), "num_tokens": num_tokens}

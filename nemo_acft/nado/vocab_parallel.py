@@ -1,0 +1,124 @@
+"""Reductions over a vocabulary that may be split across a tensor-parallel group.
+
+Every loss of the method is built from three per-position reductions over the vocabulary:
+a max, a sum and the selection of one entry (the target token). Under tensor parallelism each
+rank holds a contiguous shard ``[rank * V_local, (rank + 1) * V_local)`` of the last dimension,
+and these reductions become all-reduces of per-position scalars, as in megatron-core's
+``vocab_parallel_cross_entropy``. The full vocabulary is never gathered.
+
+Gradient convention (megatron's): the loss is replicated on every tensor-parallel rank, so the
+backward of an all-reduce-sum is the identity: each rank's local contribution receives the same
+upstream gradient. This is the only place in the package that talks to the process group.
+
+``tp_group=None`` means "no tensor parallelism": the last dimension is the whole vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+ProcessGroup = Optional["dist.ProcessGroup"]
+
+
+def tp_world_size(tp_group: ProcessGroup) -> int:
+    """Number of ranks the vocabulary is split over (1 when ``tp_group`` is None)."""
+    return 1 if tp_group is None else dist.get_world_size(tp_group)
+
+
+def tp_rank(tp_group: ProcessGroup) -> int:
+    """This rank's index in ``tp_group`` (0 when ``tp_group`` is None)."""
+    return 0 if tp_group is None else dist.get_rank(tp_group)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """All-reduce SUM over ``tp_group`` whose backward is the identity (replicated-loss rule)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, tp_group) -> torch.Tensor:  # noqa: D102
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=tp_group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        return grad, None
+
+
+def all_reduce_sum(x: torch.Tensor, tp_group: ProcessGroup) -> torch.Tensor:
+    """Sum of per-rank partial results; differentiable (identity backward).
+
+    Args:
+        x: any shape, this rank's partial sum.
+    """
+    if tp_world_size(tp_group) == 1:
+        return x
+    return _AllReduceSum.apply(x, tp_group)
+
+
+def all_reduce_max_(x: torch.Tensor, tp_group: ProcessGroup) -> torch.Tensor:
+    """In-place all-reduce MAX of a detached tensor (a stabiliser, never differentiated)."""
+    if tp_world_size(tp_group) > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=tp_group)
+    return x
+
+
+def vocab_max(x: torch.Tensor, tp_group: ProcessGroup) -> torch.Tensor:
+    """Max over the (split) vocabulary, detached, with non-finite maxima replaced by 0.
+
+    Args:
+        x: ``[..., V_local]``, vocab-parallel.
+    Returns:
+        ``[..., 1]``, replicated.
+    """
+    m = x.detach().amax(dim=-1, keepdim=True)
+    all_reduce_max_(m, tp_group)
+    # A row that is -inf everywhere would give inf - inf = nan below; 0 keeps it at -inf.
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def vocab_logsumexp(x: torch.Tensor, tp_group: ProcessGroup) -> torch.Tensor:
+    """``log Σ_v exp(x[..., v])`` over the whole (split) vocabulary, differentiable.
+
+    Args:
+        x: ``[..., V_local]``, vocab-parallel; computed in ``x``'s dtype (pass fp32).
+    Returns:
+        ``[...]``, replicated across ``tp_group``.
+    """
+    m = vocab_max(x, tp_group)
+    s = all_reduce_sum(torch.exp(x - m).sum(dim=-1), tp_group)
+    return m.squeeze(-1) + torch.log(s)
+
+
+def vocab_sum(x: torch.Tensor, tp_group: ProcessGroup) -> torch.Tensor:
+    """``Σ_v x[..., v]`` over the whole (split) vocabulary, differentiable.
+
+    Args:
+        x: ``[..., V_local]``, vocab-parallel.
+    Returns:
+        ``[...]``, replicated.
+    """
+    return all_reduce_sum(x.sum(dim=-1), tp_group)
+
+
+def vocab_select(x: torch.Tensor, target: torch.Tensor, tp_group: ProcessGroup) -> torch.Tensor:
+    """``x[..., target]`` where ``target`` indexes the full vocabulary, differentiable.
+
+    Each rank picks the entries whose target falls in its shard, zero elsewhere, then a sum
+    all-reduce completes the selection (megatron's ``calculate_predicted_logits`` stage).
+
+    Args:
+        x: ``[..., V_local]``, vocab-parallel.
+        target: ``[...]`` int64, ids in ``[0, V_local * tp)``.
+    Returns:
+        ``[...]``, replicated.
+    """
+    v_local = x.shape[-1]
+    start = tp_rank(tp_group) * v_local
+    local = target - start
+    in_shard = (local >= 0) & (local < v_local)
+    picked = x.gather(-1, local.clamp(0, v_local - 1).unsqueeze(-1)).squeeze(-1)
+    picked = torch.where(in_shard, picked, torch.zeros_like(picked))
+    return all_reduce_sum(picked, tp_group)
