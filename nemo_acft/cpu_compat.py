@@ -117,6 +117,11 @@ def apply() -> bool:
     if torch.cuda.is_available():
         return False
 
+    # 0. Not a patch: megatron warns at import and at every spec build that apex is missing
+    #    and it falls back to torch norms. That fallback is the intended CPU path.
+    warnings.filterwarnings("ignore", message="Apex is not installed")
+    #    Likewise the advice to set CUDA_DEVICE_MAX_CONNECTIONS, which has no meaning on CPU.
+    warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS")
     # 1. torch.cuda.current_device(): megatron allocates buffers with
     #    `device=torch.cuda.current_device()` (global memory buffer used by local attention,
     #    tensor_parallel/layers.py and mappings.py, transformer_layer.py, rotary embeddings,
@@ -153,8 +158,5 @@ def apply() -> bool:
             mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
     mcore_random.initialize_rng_tracker = initialize_rng_tracker
-    # 6. Not a patch: megatron warns at every spec build that apex is missing and it falls back
-    #    to torch norms. That fallback is the intended CPU path, so the warning is silenced.
-    warnings.filterwarnings("ignore", message="Apex is not installed")
     _APPLIED = True
     return True

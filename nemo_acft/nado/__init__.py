@@ -7,6 +7,8 @@ vocab-parallel reductions they are built from.
 from nemo_acft.nado.losses import closed_form_kl, guided_log_probs, nado_loss
 from nemo_acft.nado.vocab_parallel import (
     all_reduce_sum,
+    to_shards,
+    vocab_log_softmax,
     vocab_logsumexp,
     vocab_max,
     vocab_select,
@@ -18,6 +20,8 @@ __all__ = [
     "guided_log_probs",
     "nado_loss",
     "all_reduce_sum",
+    "to_shards",
+    "vocab_log_softmax",
     "vocab_logsumexp",
     "vocab_max",
     "vocab_select",

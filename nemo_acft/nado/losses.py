@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from nemo_acft.nado.vocab_parallel import (
     ProcessGroup,
+    vocab_log_softmax,
     vocab_logsumexp,
     vocab_max,
     vocab_select,
@@ -56,8 +57,8 @@ def guided_log_probs(
     Returns:
         ``[..., V_local]`` (fp32 or fp64), this rank's shard of ``log q``.
     """
-    a = _acc(lm_logits) + _shifted_log_sigmoid(nado_logits, tp_group)[0]
-    return a - vocab_logsumexp(a, tp_group).unsqueeze(-1)
+    return vocab_log_softmax(_acc(lm_logits) + _shifted_log_sigmoid(nado_logits, tp_group)[0],
+                             tp_group)
 
 
 class _ClosedFormKL(torch.autograd.Function):
@@ -184,7 +185,7 @@ def nado_loss(
     s_next = vocab_select(s, tokens, tp_group)  # s_i[y_i], [b, s]
     ce = -(c * F.logsigmoid(s_next) + (1.0 - c) * F.logsigmoid(-s_next))
 
-    log_p = z - vocab_logsumexp(z, tp_group).unsqueeze(-1)
+    log_p = vocab_log_softmax(z, tp_group)
     log_r = vocab_logsumexp(log_p + F.logsigmoid(s), tp_group)
     log_1mr = vocab_logsumexp(log_p + F.logsigmoid(-s), tp_group)
     la, l1a = F.logsigmoid(s_next[:, :-1]), F.logsigmoid(-s_next[:, :-1])

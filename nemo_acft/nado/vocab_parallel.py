@@ -6,9 +6,14 @@ rank holds a contiguous shard ``[rank * V_local, (rank + 1) * V_local)`` of the 
 and these reductions become all-reduces of per-position scalars, as in megatron-core's
 ``vocab_parallel_cross_entropy``. The full vocabulary is never gathered.
 
-Gradient convention (megatron's): the loss is replicated on every tensor-parallel rank, so the
-backward of an all-reduce-sum is the identity: each rank's local contribution receives the same
-upstream gradient. This is the only place in the package that talks to the process group.
+Gradient convention (megatron's ``reduce_from_`` / ``copy_to_tensor_model_parallel_region``
+pair): the loss is replicated on every tensor-parallel rank. A reduction (shards → replicated
+value) is an all-reduce forward and the identity backward. A replicated value that enters
+vocab-sharded arithmetic again (e.g. ``z − logsumexp(z)``) goes through :func:`to_shards`:
+the identity forward and an all-reduce backward, because each rank's autograd sees only its own
+shard's share of that value's gradient. Following both rules, plain autograd through these
+functions gives exact gradients. This is the only place in the package that talks to the
+process group.
 
 ``tp_group=None`` means "no tensor parallelism": the last dimension is the whole vocabulary.
 """
@@ -58,6 +63,32 @@ def all_reduce_sum(x: torch.Tensor, tp_group: ProcessGroup) -> torch.Tensor:
     return _AllReduceSum.apply(x, tp_group)
 
 
+class _ToShards(torch.autograd.Function):
+    """Identity forward; all-reduce SUM backward (megatron's copy_to_..._region)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, tp_group) -> torch.Tensor:  # noqa: D102
+        ctx.tp_group = tp_group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.tp_group)
+        return grad, None
+
+
+def to_shards(x: torch.Tensor, tp_group: ProcessGroup) -> torch.Tensor:
+    """Mark a replicated per-position value that is about to be combined with vocab shards.
+
+    Args:
+        x: any shape, replicated across ``tp_group``.
+    """
+    if tp_world_size(tp_group) == 1:
+        return x
+    return _ToShards.apply(x, tp_group)
+
+
 def all_reduce_max_(x: torch.Tensor, tp_group: ProcessGroup) -> torch.Tensor:
     """In-place all-reduce MAX of a detached tensor (a stabiliser, never differentiated)."""
     if tp_world_size(tp_group) > 1:
@@ -90,6 +121,17 @@ def vocab_logsumexp(x: torch.Tensor, tp_group: ProcessGroup) -> torch.Tensor:
     m = vocab_max(x, tp_group)
     s = all_reduce_sum(torch.exp(x - m).sum(dim=-1), tp_group)
     return m.squeeze(-1) + torch.log(s)
+
+
+def vocab_log_softmax(x: torch.Tensor, tp_group: ProcessGroup) -> torch.Tensor:
+    """``x − logsumexp(x)`` over the whole (split) vocabulary, differentiable.
+
+    Args:
+        x: ``[..., V_local]``, vocab-parallel.
+    Returns:
+        ``[..., V_local]``, this rank's shard of the log-softmax.
+    """
+    return x - to_shards(vocab_logsumexp(x, tp_group), tp_group).unsqueeze(-1)
 
 
 def vocab_sum(x: torch.Tensor, tp_group: ProcessGroup) -> torch.Tensor:
