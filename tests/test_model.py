@@ -207,3 +207,25 @@ def test_base_weights_load_with_fresh_head(tmp_path):
     assert out["lm_equal"] and out["head_zero"] and out["nado_zero"]
     assert out["head_round_trip"]
     assert "decoder.final_layernorm.weight" in out["bad_refused"]
+
+
+def _fp32_head_worker(rank, world_size):
+    from nemo_acft.models import GPTConfig, NADOHeadConfig, build_gpt_nado, init_distributed
+
+    init_distributed(tp=1, pp=1, seed=5)
+    cfg = GPTConfig(**{**CFG, "params_dtype": "bfloat16",
+                       "nado": NADOHeadConfig(num_layers=1, fp32=True)})
+    model = build_gpt_nado(cfg)
+    batch = _batch()
+    lm, nado = model(batch["input_ids"], batch["position_ids"], None)
+    losses = model(batch["input_ids"], batch["position_ids"], None, labels=batch["labels"])
+    return {"lm": lm.dtype, "nado": nado.dtype, "kl": losses.kl.dtype,
+            "head": {p.dtype for n, p in model.named_parameters() if n.startswith("nado_head.")},
+            "trunk_linear": model.decoder.layers[0].mlp.linear_fc1.weight.dtype}
+
+
+def test_fp32_head_on_bf16_trunk():
+    (out,) = run_workers(_fp32_head_worker, 1)
+    assert out["trunk_linear"] == torch.bfloat16 and out["lm"] == torch.bfloat16
+    assert out["head"] == {torch.float32} and out["nado"] == torch.float32
+    assert out["kl"] == torch.float32
