@@ -1,0 +1,167 @@
+"""Batched generation from the GPT (+ NADO) model with a KV cache.
+
+Static batching, as megatron-core's text-generation controller: prompts are right-padded, the
+model prefills up to the shortest prompt, then decodes one position at a time; a sequence still
+inside its prompt takes its prompt token instead of the sample. Keys and values live in a
+megatron ``StaticInferenceContext``, the trunk's layers and the NADO head's layers each under
+their own layer numbers.
+
+Tensor parallelism: the last position's vocab-parallel logits are gathered (one ``[b, V]`` row
+per step, as megatron's inference does) and every TP rank draws with the same seeded generator,
+so all ranks produce identical tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class SamplingParams:
+    """Decoding settings. ``top_k=0`` and ``top_p=1.0`` disable those filters."""
+
+    max_new_tokens: int = 20
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    eos_id: Optional[int] = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}: expected >= 1")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature}: expected > 0")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k}: expected >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p}: expected in (0, 1]")
+
+
+@dataclass
+class Samples:
+    """A batch of generations.
+
+    Attributes:
+        tokens: ``[n, T]`` int64, prompt + continuation, right-padded with ``pad_id``.
+        prompt_lengths: ``[n]``; lengths: ``[n]`` prompt + generated tokens (EOS included).
+        logprobs: ``[n, T]`` log-probability of each generated token under the sampling
+            distribution actually used (after temperature/top-k/top-p, guided or not); 0 on
+            prompt and padding positions.
+        labels: oracle labels, filled in later (None = not labelled / oracle failed).
+    """
+
+    tokens: torch.Tensor
+    prompt_lengths: torch.Tensor
+    lengths: torch.Tensor
+    logprobs: torch.Tensor
+    labels: List[Optional[float]] = field(default_factory=list)
+
+    def continuation(self, i: int) -> List[int]:
+        """Generated token ids of sample ``i``."""
+        return self.tokens[i, self.prompt_lengths[i]:self.lengths[i]].tolist()
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Mask (−inf) all but the top-k tokens and the smallest nucleus of mass ≥ top_p.
+
+    Args:
+        logits: ``[b, V]`` full-vocabulary logits (or log-probs).
+    """
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the mass strictly before it already reaches top_p
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        drop[..., 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def _gather_vocab(x: torch.Tensor, tp_group) -> torch.Tensor:
+    """Concatenate vocab shards ``[b, V/TP]`` → ``[b, V]`` (last position only)."""
+    if tp_group is None:
+        return x
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(tp_group))]
+    dist.all_gather(parts, x.contiguous(), group=tp_group)
+    return torch.cat(parts, dim=-1)
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+             vocab_size: int, guided: bool = False, tp_group=None, pad_id: int = 0,
+             use_kv_cache: bool = True) -> Samples:
+    """Sample continuations of ``prompts`` from ``model`` (p, or q ∝ p·R when ``guided``).
+
+    Args:
+        model: a ``GPTNADOModel`` (single pipeline stage), or a plain ``GPTModel`` if not guided.
+        prompts: token-id lists, each non-empty.
+        vocab_size: the real vocabulary; padded ids beyond it are never sampled.
+        guided: NADO-guided decoding, ``log q = log_softmax(z / T + logσ(s))``.
+        tp_group: tensor-parallel group of the model (None when TP = 1).
+        use_kv_cache: False recomputes the whole prefix each step (a reference, and the
+            baseline of the sampling benchmark).
+    """
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    from nemo_acft.nado import guided_log_probs
+
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    was_training = model.training
+    model.eval()
+    n = len(prompts)
+    prompt_lengths = torch.tensor([len(p) for p in prompts])
+    total = int(prompt_lengths.max()) + params.max_new_tokens
+    tokens = torch.full((n, total), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.as_tensor(p, dtype=torch.long)
+    positions = torch.arange(total).expand(n, total)
+    logprobs = torch.zeros(n, total)
+    lengths = prompt_lengths + params.max_new_tokens
+    done = torch.zeros(n, dtype=torch.bool)
+    gen = torch.Generator().manual_seed(params.seed)
+    ctx = StaticInferenceContext(n, total) if use_kv_cache else None
+
+    start = 0
+    for end in range(int(prompt_lengths.min()), total):
+        if ctx is None:
+            start = 0
+        out = model(tokens[:, start:end], positions[:, start:end], None, inference_context=ctx)
+        if ctx is not None:
+            ctx.sequence_len_offset += end - start
+        lm_logits, nado_logits = out if isinstance(out, tuple) else (out, None)
+        z = lm_logits[:, -1].float() / params.temperature
+        if guided:
+            log_probs = guided_log_probs(z, nado_logits[:, -1], tp_group)
+        else:
+            log_probs = z
+        log_probs = _gather_vocab(log_probs, tp_group)[:, :vocab_size]
+        log_probs = torch.log_softmax(filter_logits(log_probs, params.top_k, params.top_p), -1)
+        sampled = torch.multinomial(log_probs.exp(), 1, generator=gen).squeeze(-1)
+        generating = (end >= prompt_lengths) & (end < lengths) & ~done
+        nxt = torch.where(generating, sampled, tokens[:, end])
+        nxt = torch.where(done | (end >= lengths), torch.full_like(nxt, pad_id), nxt)
+        tokens[:, end] = nxt
+        logprobs[:, end] = torch.where(
+            generating, log_probs.gather(-1, sampled.unsqueeze(-1)).squeeze(-1),
+            torch.zeros(n))
+        if params.eos_id is not None:
+            hit_eos = generating & (sampled == params.eos_id)
+            lengths = torch.where(hit_eos, torch.full_like(lengths, end + 1), lengths)
+            done |= hit_eos
+        start = end
+        if done.all():
+            break
+    model.train(was_training)
+    return Samples(tokens=tokens, prompt_lengths=prompt_lengths, lengths=lengths,
+                   logprobs=logprobs)
