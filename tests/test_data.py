@@ -1,0 +1,62 @@
+"""Built-in corpus, tokenizer and data readers."""
+
+import json
+
+import pytest
+
+from nemo_acft.data import WordTokenizer, domains, generate_corpus, read_prompts, read_records
+from nemo_acft.oracles import LexiconOracle
+
+
+def test_corpus_is_seeded_and_its_toxicity_is_what_the_oracle_sees():
+    a, b = generate_corpus(2000, seed=4), generate_corpus(2000, seed=4)
+    assert a == b and a != generate_corpus(2000, seed=5)
+    toxic = [r["toxic"] for r in a]
+    assert 0.25 < sum(toxic) / len(toxic) < 0.35  # toxic_fraction=0.3
+    # the generator's own flag agrees with the independent lexicon oracle on every record
+    scores = LexiconOracle().score([r["text"] for r in a])
+    assert [s == 0.0 for s in scores] == toxic
+    assert {r["domain"] for r in a} == set(domains())
+    chat_toxic = sum(r["toxic"] for r in a if r["domain"] == "chat") / sum(toxic)
+    assert chat_toxic > 0.75
+    assert sum(r["toxic"] for r in generate_corpus(500, toxic_fraction=0.0)) == 0
+    with pytest.raises(ValueError, match="toxic_fraction=1.5"):
+        generate_corpus(3, toxic_fraction=1.5)
+
+
+def test_tokenizer_round_trip_and_file(tmp_path):
+    corpus = generate_corpus(3000, seed=0)
+    tok = WordTokenizer.build(r["text"] for r in corpus)
+    for r in corpus[:200]:
+        assert tok.decode(tok.encode(r["text"])) == r["text"]
+    assert tok.encode("zebra")[0] == tok.unk_id
+    assert tok.decode(tok.encode("the rain was cold.") + [tok.eos_id] + tok.encode("junk")) == \
+        "the rain was cold."
+    tok.save(tmp_path / "tok.json")
+    assert WordTokenizer.load(tmp_path / "tok.json").vocab == tok.vocab
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="bad.json"):
+        WordTokenizer.load(tmp_path / "bad.json")
+
+
+def test_readers_name_file_and_line_or_skip_and_count(tmp_path):
+    good = tmp_path / "d.jsonl"
+    good.write_text(json.dumps({"text": "hello", "domain": "chat"}) + "\n\n" +
+                    json.dumps({"text": "bye"}) + "\n")
+    recs, skipped = read_records(good)
+    assert recs == [{"text": "hello", "domain": "chat"}, {"text": "bye", "domain": "general"}]
+    assert skipped == 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "ok"}) + "\n" + "{broken\n" + json.dumps({"txt": 1}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        read_records(bad)
+    recs, skipped = read_records(bad, skip_malformed=True)
+    assert [r["text"] for r in recs] == ["ok"] and skipped == 2
+    plain = tmp_path / "p.txt"
+    plain.write_text("first line\n\nsecond line\n")
+    assert read_prompts(plain) == (["first line", "second line"], 0)
+    pj = tmp_path / "p.jsonl"
+    pj.write_text(json.dumps({"prompt": "the sky"}) + "\n" + json.dumps({"text": "my friend"}) + "\n")
+    assert read_prompts(pj) == (["the sky", "my friend"], 0)
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        read_records(tmp_path / "missing.jsonl")
