@@ -14,6 +14,7 @@ is upgraded, re-check the list with::
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 import warnings
 
@@ -43,31 +44,23 @@ def _cpu_device_arg(device):
     return device
 
 
+_FACTORIES = frozenset({"zeros", "ones", "empty", "full", "tensor", "arange"})
+
+
+def _on_cpu(factory, *args, device=None, **kwargs):
+    return factory(*args, device=_cpu_device_arg(device), **kwargs)
+
+
 class _TorchWithCpuFactories(types.ModuleType):
-    """The ``torch`` module as seen by ``pipeline_parallel/schedules.py``, with factory
-    functions whose ``device="cuda"`` becomes the CPU. Everything else is the real torch."""
+    """The ``torch`` module as seen by one megatron module, with factory functions whose
+    ``device="cuda"`` becomes the CPU. Everything else is the real torch."""
 
     def __init__(self):
         super().__init__("torch")
 
     def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def zeros(*args, device=None, **kwargs):  # noqa: D102
-        return torch.zeros(*args, device=_cpu_device_arg(device), **kwargs)
-
-    @staticmethod
-    def ones(*args, device=None, **kwargs):  # noqa: D102
-        return torch.ones(*args, device=_cpu_device_arg(device), **kwargs)
-
-    @staticmethod
-    def tensor(*args, device=None, **kwargs):  # noqa: D102
-        return torch.tensor(*args, device=_cpu_device_arg(device), **kwargs)
-
-    @staticmethod
-    def empty(*args, device=None, **kwargs):  # noqa: D102
-        return torch.empty(*args, device=_cpu_device_arg(device), **kwargs)
+        attr = getattr(torch, name)
+        return functools.partial(_on_cpu, attr) if name in _FACTORIES else attr
 
 
 def _cpu_rng_tracker_class():

@@ -11,6 +11,7 @@ zero, so the KL becomes non-zero). It stands in for the training entry point unt
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -30,7 +31,7 @@ def main(argv=None) -> None:
     from nemo_acft.nado import closed_form_kl, nado_loss
 
     torch.set_num_threads(1)
-    init_distributed(tp=int(__import__("os").environ.get("WORLD_SIZE", 1)), pp=1, seed=1234)
+    init_distributed(tp=int(os.environ.get("WORLD_SIZE", 1)), pp=1, seed=1234)
     tp = dist.get_world_size()
     cfg = GPTConfig(vocab_size=500, seq_length=32, num_layers=2, hidden_size=64,
                     num_attention_heads=4, nado=NADOHeadConfig(num_layers=1))

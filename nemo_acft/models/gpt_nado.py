@@ -128,11 +128,11 @@ class GPTNADOModel(GPTModel):
 
     def __init__(self, config: TransformerConfig, transformer_layer_spec: ModuleSpec,
                  vocab_size: int, max_sequence_length: int,
-                 nado: NADOHeadConfig = NADOHeadConfig(), **kwargs):
+                 nado: Optional[NADOHeadConfig] = None, **kwargs):
         if kwargs.get("mtp_block_spec") is not None:
             raise ValueError("multi-token prediction is not supported with a NADO head")
         super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, **kwargs)
-        self.nado_config = nado
+        self.nado_config = nado = nado or NADOHeadConfig()
         self.nado_head = None
         if self.post_process:
             self.nado_head = NADOHead(config, nado, transformer_layer_spec, vocab_size,
