@@ -8,64 +8,65 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple, TypeVar
+
+T = TypeVar("T")
+
+
+def _read_lines(path: str, parse: Callable[[str], T], skip_malformed: bool,
+                what: str) -> Tuple[List[T], int]:
+    """``parse`` every non-empty line; a ValueError from it names ``file:line`` or, with
+    ``skip_malformed``, skips the line and counts it. Returns ``(items, n_skipped)``."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} file {p} does not exist")
+    items, skipped = [], 0
+    with open(p, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                items.append(parse(line))
+            except ValueError as e:  # json.JSONDecodeError is a ValueError
+                if skip_malformed:
+                    skipped += 1
+                    continue
+                raise ValueError(f"{p}:{n}: malformed {what} line ({e}); set "
+                                 "skip_malformed=true to skip such lines") from e
+    if not items:
+        raise ValueError(f"{what} file {p} has no records")
+    return items, skipped
 
 
 def read_records(path: str, skip_malformed: bool = False,
                  default_domain: str = "general") -> Tuple[List[Dict[str, str]], int]:
     """Records ``{"text", "domain"}`` from ``.jsonl`` (one object per line) or any other file as
     plain text (one record per non-empty line). Returns ``(records, n_skipped)``."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"data file {p} does not exist")
-    records, skipped = [], 0
-    with open(p, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            if p.suffix != ".jsonl":
-                records.append({"text": line.strip(), "domain": default_domain})
-                continue
-            try:
-                obj = json.loads(line)
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise ValueError("expected an object with a string 'text'")
-                domain = obj.get("domain", default_domain)
-                if not isinstance(domain, str):
-                    raise ValueError("'domain' must be a string")
-            except ValueError as e:  # json.JSONDecodeError is a ValueError
-                if skip_malformed:
-                    skipped += 1
-                    continue
-                raise ValueError(f"{p}:{n}: malformed record ({e}); set skip_malformed=true "
-                                 "to skip such lines") from e
-            records.append({"text": obj["text"], "domain": domain})
-    if not records:
-        raise ValueError(f"data file {p} has no records")
-    return records, skipped
+
+    def parse(line: str) -> Dict[str, str]:
+        if Path(path).suffix != ".jsonl":
+            return {"text": line.strip(), "domain": default_domain}
+        obj = json.loads(line)
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise ValueError("expected an object with a string 'text'")
+        domain = obj.get("domain", default_domain)
+        if not isinstance(domain, str):
+            raise ValueError("'domain' must be a string")
+        return {"text": obj["text"], "domain": domain}
+
+    return _read_lines(path, parse, skip_malformed, "data")
 
 
 def read_prompts(path: str, skip_malformed: bool = False) -> Tuple[List[str], int]:
-    """Prompt texts from ``.jsonl`` (key ``text`` or ``prompt``) or plain text."""
-    p = Path(path)
-    if p.suffix == ".jsonl":
-        if not p.is_file():
-            raise FileNotFoundError(f"prompts file {p} does not exist")
-        prompts, skipped = [], 0
-        for n, line in enumerate(open(p, encoding="utf-8"), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                text = obj.get("prompt", obj.get("text")) if isinstance(obj, dict) else None
-                if not isinstance(text, str):
-                    raise ValueError("expected an object with a string 'prompt' or 'text'")
-            except ValueError as e:
-                if skip_malformed:
-                    skipped += 1
-                    continue
-                raise ValueError(f"{p}:{n}: malformed prompt ({e})") from e
-            prompts.append(text)
-        return prompts, skipped
-    records, skipped = read_records(path, skip_malformed)
-    return [r["text"] for r in records], skipped
+    """Prompt texts from ``.jsonl`` (key ``prompt`` or ``text``) or plain text."""
+
+    def parse(line: str) -> str:
+        if Path(path).suffix != ".jsonl":
+            return line.strip()
+        obj = json.loads(line)
+        text = obj.get("prompt", obj.get("text")) if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            raise ValueError("expected an object with a string 'prompt' or 'text'")
+        return text
+
+    return _read_lines(path, parse, skip_malformed, "prompts")

@@ -7,12 +7,12 @@ checkpoint's own tokenizer.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Dict, Iterable, List
+
+from nemo_acft.io_utils import atomic_write
 
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
 _TOKEN = re.compile(r"[a-z0-9']+|[^\sa-z0-9']")
@@ -61,12 +61,8 @@ class WordTokenizer:
 
     def save(self, path: str) -> None:
         """JSON, written to a temporary name and renamed."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
-        with os.fdopen(fd, "w") as fh:
+        with atomic_write(path) as fh:
             json.dump({"type": "word", "vocab": self.vocab}, fh)
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str) -> "WordTokenizer":  # noqa: D102

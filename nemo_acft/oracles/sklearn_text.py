@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
+
+from nemo_acft.io_utils import atomic_write
 
 FORMATS = ("csv", "jsonl", "toxigen_dir")
 
@@ -124,12 +124,8 @@ class SklearnTextOracle:
 
     def save(self, path: str) -> None:
         """Pickle the fitted pipeline, written to a temporary name and renamed."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
-        with os.fdopen(fd, "wb") as fh:
+        with atomic_write(path, "wb") as fh:
             pickle.dump(self.pipeline, fh)
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str) -> "SklearnTextOracle":
