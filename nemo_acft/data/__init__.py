@@ -2,6 +2,8 @@
 
 from nemo_acft.data.corpus import domains, generate_corpus
 from nemo_acft.data.files import read_prompts, read_records
+from nemo_acft.data.lm_dataset import LMDataset, batch_indices, encode_records, make_prompts
 from nemo_acft.data.tokenizer import WordTokenizer
 
-__all__ = ["WordTokenizer", "domains", "generate_corpus", "read_prompts", "read_records"]
+__all__ = ["LMDataset", "WordTokenizer", "batch_indices", "domains", "encode_records",
+           "generate_corpus", "make_prompts", "read_prompts", "read_records"]

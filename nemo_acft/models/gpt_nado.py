@@ -25,7 +25,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_acft.models.config import GPTConfig, NADOHeadConfig
 from nemo_acft.models.parallel import tp_group
-from nemo_acft.nado import closed_form_kl
+from nemo_acft.nado import closed_form_kl, cross_entropy
 
 NADO_PREFIX = "nado_head."
 
@@ -160,9 +160,11 @@ class GPTNADOModel(GPTModel):
                                          runtime_gather_output=runtime_gather_output)
         if labels is None:
             return lm_logits.transpose(0, 1).contiguous(), nado_logits.transpose(0, 1).contiguous()
-        lm_loss = self.compute_language_model_loss(labels, lm_logits)  # [b, s]
+        # Not megatron's compute_language_model_loss: its cross-entropy overwrites the logits
+        # in place, and the KL reads the same logits.
         kl, log_z = closed_form_kl(lm_logits, nado_logits, tp_group(), return_log_z=True)
-        return TokenLosses(lm_loss, kl.transpose(0, 1), log_z.transpose(0, 1))
+        lm_loss = cross_entropy(lm_logits, labels.transpose(0, 1), tp_group())
+        return TokenLosses(lm_loss.transpose(0, 1), kl.transpose(0, 1), log_z.transpose(0, 1))
 
     # --- checkpoints: trunk and head separately -------------------------------------------
 

@@ -1,10 +1,11 @@
 """Math of the method (torch only; optionally a tensor-parallel process group).
 
-Public API: :func:`guided_log_probs`, :func:`closed_form_kl`, :func:`nado_loss`, and the
+Public API: :func:`guided_log_probs`, :func:`closed_form_kl`, :func:`nado_loss`, :func:`kl_penalty` (per-domain λ and the δ gate), and the
 vocab-parallel reductions they are built from.
 """
 
-from nemo_acft.nado.losses import closed_form_kl, guided_log_probs, nado_loss
+from nemo_acft.nado.losses import (closed_form_kl, cross_entropy, guided_log_probs, kl_penalty,
+                                   nado_loss)
 from nemo_acft.nado.vocab_parallel import (
     all_reduce_sum,
     to_shards,
@@ -17,7 +18,9 @@ from nemo_acft.nado.vocab_parallel import (
 
 __all__ = [
     "closed_form_kl",
+    "cross_entropy",
     "guided_log_probs",
+    "kl_penalty",
     "nado_loss",
     "all_reduce_sum",
     "to_shards",

@@ -12,6 +12,7 @@ Computation is in fp32 for fp16/bf16/fp32 inputs (fp64 stays fp64); results are 
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -127,6 +128,22 @@ def closed_form_kl(
     return (kl, log_z) if return_log_z else kl
 
 
+def cross_entropy(lm_logits: torch.Tensor, targets: torch.Tensor,
+                  tp_group: ProcessGroup = None) -> torch.Tensor:
+    """Per-position LM cross-entropy ``logsumexp(z) − z[target]`` on vocab-parallel logits.
+
+    Out of place: megatron's ``vocab_parallel_cross_entropy`` overwrites its input logits
+    (max-subtraction and exp in place), which would corrupt a KL computed from the same logits.
+
+    Args:
+        lm_logits: ``[..., V_local]``. targets: ``[...]`` int64 ids of the full vocabulary.
+    Returns:
+        ``[...]`` in the accumulation dtype (at least fp32).
+    """
+    z = _acc(lm_logits)
+    return vocab_logsumexp(z, tp_group) - vocab_select(z, targets, tp_group)
+
+
 def nado_loss(
     lm_logits: torch.Tensor,
     nado_logits: torch.Tensor,
@@ -197,3 +214,62 @@ def nado_loss(
     cons_mean = (cons * cons_w).sum() / num_tokens
     loss = ce_mean + alpha * cons_mean
     return loss, {"ce": ce_mean.detach(), "cons": cons_mean.detach(), "num_tokens": num_tokens}
+
+
+def kl_penalty(
+    kl: torch.Tensor,
+    log_z: torch.Tensor,
+    loss_mask: torch.Tensor,
+    domain_ids: torch.Tensor,
+    domain_lambdas: torch.Tensor,
+    delta: Optional[float] = None,
+    min_z: float = 0.0,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """The regularizer ``Σ_d λ_d · mean_{i ∈ tokens of domain d} gate_i · KL_i`` (METHOD.md).
+
+    ``gate_i = 0`` where the NADO estimate ``Z_i = R(x_<=i)`` is already ``>= delta`` (inside the
+    feasible set ``E_q[C] >= δ``), else 1; ``delta=None`` disables the gate.
+
+    ``min_z`` (ε, this project's addition, 0 = off): ``gate_i = 0`` also where ``Z_i < ε``, a
+    prefix that has already failed (inside an insult of a corpus sentence). There every likely
+    continuation has R ≈ 0, so q is the normalised residue of R over tokens the oracle block
+    never sampled, and pushing p toward it teaches noise. The mean of domain d
+    is over all its masked tokens in the batch, gated or not, so gating removes push rather than
+    re-weighting the remaining positions. One uniform λ is ``domain_lambdas`` filled with λ.
+
+    Args:
+        kl, log_z: ``[b, s]`` from :func:`closed_form_kl` (``return_log_z=True``).
+        loss_mask: ``[b, s]`` 1 on positions that count.
+        domain_ids: ``[b]`` int64 domain index of each sequence.
+        domain_lambdas: ``[D]`` weight of each domain.
+        delta: feasibility threshold in (0, 1], or None.
+        min_z: infeasible-prefix threshold in [0, delta).
+    Returns:
+        ``(penalty, parts)``; parts has ``kl`` (mean over all masked tokens, ungated),
+        ``gated_share`` (share of masked tokens the gate switched off) and ``mean_z`` (mean Z).
+    """
+    if delta is not None and not 0.0 < delta <= 1.0:
+        raise ValueError(f"delta={delta}: expected a value in (0, 1] or None")
+    if not 0.0 <= min_z < (1.0 if delta is None else delta):
+        raise ValueError(f"min_z={min_z}: expected a value in [0, delta)")
+    kl = _acc(kl)
+    mask = loss_mask.to(kl.dtype)
+    gate = torch.ones_like(kl, dtype=torch.bool)
+    if delta is not None:
+        gate &= log_z < math.log(delta)
+    if min_z > 0:
+        gate &= log_z >= math.log(min_z)
+    gate = gate.to(kl.dtype)
+    num_domains = domain_lambdas.numel()
+    onehot = F.one_hot(domain_ids, num_domains).to(kl.dtype)  # [b, D]
+    per_domain_kl = onehot.t() @ (kl * gate * mask).sum(-1)  # [D]
+    per_domain_tokens = onehot.t() @ mask.sum(-1)  # [D]
+    means = per_domain_kl / per_domain_tokens.clamp_min(1.0)
+    penalty = (domain_lambdas.to(kl.dtype) * means).sum()
+    n = mask.sum().clamp_min(1.0)
+    parts = {
+        "kl": ((kl * mask).sum() / n).detach(),
+        "gated_share": (((1.0 - gate) * mask).sum() / n).detach(),
+        "mean_z": ((_acc(log_z).exp() * mask).sum() / n).detach(),
+    }
+    return penalty, parts

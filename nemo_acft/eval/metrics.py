@@ -1,0 +1,47 @@
+"""The two numbers of the built-in run: how often the model violates the constraint, and what
+that costs in perplexity."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from nemo_acft.data.lm_dataset import LMDataset
+from nemo_acft.sampling import SamplingParams, sample_and_label
+
+
+@torch.no_grad()
+def perplexity(model, data: LMDataset, batch_size: int = 64) -> float:
+    """``exp`` of the mean next-token negative log-likelihood over ``data``'s masked tokens
+    (the EOS included). ``model`` is a GPTModel or GPTNADOModel (its LM logits are used)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0.0
+    for i in range(0, len(data), batch_size):
+        b = data.batch(torch.arange(i, min(i + batch_size, len(data))))
+        x = b["inputs"]
+        out = model(x, torch.arange(x.shape[1]).expand_as(x), None, labels=b["targets"])
+        nll = out.lm_loss if hasattr(out, "lm_loss") else out
+        total += float((nll.double() * b["loss_mask"]).sum())
+        count += float(b["loss_mask"].sum())
+    model.train(was_training)
+    return math.exp(total / max(count, 1.0))
+
+
+def violation_rate(model, tokenizer, prompts: Sequence[str], oracle, params: SamplingParams, *,
+                   vocab_size: int, samples_per_prompt: int = 1, batch_size: int = 128,
+                   threshold: float = 0.5, guided: bool = False) -> Dict[str, object]:
+    """Share of sampled continuations whose whole text the oracle scores below ``threshold``.
+
+    Returns ``{"violation_rate", "num_scored", "num_failed", "texts", "scores"}``; failed
+    oracle calls are left out of the rate and counted.
+    """
+    repeated = [p for p in prompts for _ in range(samples_per_prompt)]
+    out = sample_and_label(model, tokenizer, repeated, oracle, params, vocab_size=vocab_size,
+                           batch_size=batch_size, threshold=threshold, guided=guided)
+    scored = [s for s in out.scores if s is not None]
+    rate = sum(s < threshold for s in scored) / len(scored) if scored else math.nan
+    return {"violation_rate": rate, "num_scored": len(scored),
+            "num_failed": len(out.scores) - len(scored), "texts": out.texts, "scores": out.scores}
