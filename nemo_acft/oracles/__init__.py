@@ -29,7 +29,24 @@ def _sklearn_text(cfg):
         seed=int(cfg.get("seed", 0)))
 
 
-ORACLES = {"lexicon": _lexicon, "sklearn_text": _sklearn_text}
+def _detoxify(cfg):
+    from nemo_acft.oracles.hf import DetoxifyOracle
+
+    return DetoxifyOracle(cfg.get("checkpoint"), cfg.get("hf_config_path"),
+                          attribute=cfg.get("attribute", "toxicity"),
+                          max_length=int(cfg.get("max_length", 512)))
+
+
+def _hf_classifier(cfg):
+    from nemo_acft.oracles.hf import HFClassifierOracle
+
+    return HFClassifierOracle(cfg.get("path"), satisfying_labels=cfg.get("satisfying_labels"),
+                              violating_labels=cfg.get("violating_labels"),
+                              max_length=int(cfg.get("max_length", 512)))
+
+
+ORACLES = {"lexicon": _lexicon, "sklearn_text": _sklearn_text, "detoxify": _detoxify,
+           "hf_classifier": _hf_classifier}
 
 
 def build_oracle(cfg: Mapping[str, Any]) -> Oracle:

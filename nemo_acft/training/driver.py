@@ -68,7 +68,7 @@ def evaluate_iterations(side: Side, store: ArtifactStore, label: str, oracle) ->
             rows.append(json.loads(cache.read_text()))
             continue
         if model is None:
-            model = build_model(side.gcfg, with_head=False)
+            model = build_model(side.gcfg, side.cfg["seed"], with_head=False)
         model.load_state_dict(store.load("lm", k, "model.pt"), strict=True)
         params = SamplingParams(max_new_tokens=e["max_new_tokens"], top_p=e["top_p"],
                                 eos_id=tok.eos_id, seed=cfg["seed"] + 7)

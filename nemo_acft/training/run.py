@@ -303,7 +303,7 @@ def run_lm_side(side: Side, schedule: str, pretrained: Path, mode: str = "acft",
     """All LM blocks of ``mode`` (acft: waits for the oracle side's φ in the exchange)."""
     store = store or side.exchange
     publish_initial_lm(side, store, pretrained)
-    model = build_model(side.gcfg, with_head=(mode == "acft"))
+    model = build_model(side.gcfg, side.cfg["seed"], with_head=(mode == "acft"))
     timeout = side.cfg["acft"]["exchange_timeout_s"]
     todo = [k for k in range(1, side.K + 1) if not store.exists("lm", k)]
     t0 = time.perf_counter()
@@ -319,7 +319,7 @@ def run_lm_side(side: Side, schedule: str, pretrained: Path, mode: str = "acft",
 
 def run_oracle_side(side: Side, oracle) -> None:
     """All oracle blocks: each waits for θ_(k−1) from the LM side."""
-    model = build_model(side.gcfg, with_head=True)
+    model = build_model(side.gcfg, side.cfg["seed"], with_head=True)
     publish_initial_nado(side, model)
     timeout = side.cfg["acft"]["exchange_timeout_s"]
     todo = [k for k in range(1, side.K + 1) if not side.exchange.exists("nado", k)]
@@ -335,7 +335,7 @@ def run_sequential(side: Side, pretrained: Path, oracle) -> None:
     """Oracle block k then LM block k with φ_k, for k = 1..K, in this process."""
     ex = side.exchange
     publish_initial_lm(side, ex, pretrained)
-    model = build_model(side.gcfg, with_head=True)
+    model = build_model(side.gcfg, side.cfg["seed"], with_head=True)
     publish_initial_nado(side, model)
     t0 = time.perf_counter()
     todo = [k for k in range(1, side.K + 1) if not ex.exists("lm", k)]
@@ -385,7 +385,10 @@ def run_parallel(side: Side, config_path: Path) -> None:
     """Launch the LM side and the oracle side as two processes and wait for both; if one fails,
     stop the other and raise with the failed side's log file."""
     procs = {}
-    env = {**os.environ, "OMP_NUM_THREADS": str(side.cfg["threads"])}
+    # each side is its own single-process world: not the driver's rendezvous address
+    dist_vars = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    env["OMP_NUM_THREADS"] = str(side.cfg["threads"])
     for role in ("lm", "oracle"):
         procs[role] = subprocess.Popen(
             [sys.executable, "-m", "nemo_acft.training.run", "--config", str(config_path),

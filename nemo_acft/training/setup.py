@@ -186,10 +186,12 @@ def log_to_file(path: Path) -> None:
     log.addHandler(handler)
 
 
-def build_model(gcfg: GPTConfig, with_head: bool = True):
-    """The single-stage GPT (+ NADO head), freshly initialised from the seeded generator."""
+def build_model(gcfg: GPTConfig, seed: int, with_head: bool = True):
+    """The single-stage GPT (+ NADO head), initialised from ``seed`` (the same weights in every
+    process, whatever ran before)."""
     from nemo_acft.models import build_gpt_nado
 
+    torch.manual_seed(seed)
     return build_gpt_nado(gcfg, tp=1, pp=1, with_head=with_head)
 
 
@@ -223,8 +225,7 @@ def ensure_pretrained(cfg: Dict[str, Any], data: RunData, gcfg: GPTConfig,
         log.info("pre-trained tiny GPT: cached at %s", out)
         return out
     p = cfg["pretrain"]
-    torch.manual_seed(cfg["seed"])
-    model = build_model(gcfg, with_head=False)
+    model = build_model(gcfg, cfg["seed"], with_head=False)
     optim = OptimConfig(**p["optim"])
     optimizer = optim.make(model.parameters())
     log.info("pre-training the tiny GPT: %d steps of %d records (cached for later runs)",
