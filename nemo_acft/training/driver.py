@@ -14,7 +14,7 @@ from nemo_acft.io_utils import atomic_write
 from nemo_acft.training.exchange import ArtifactStore
 from nemo_acft.training.run import Side, run_lm_side, run_parallel, run_sequential, side_lock
 from nemo_acft.training.setup import (build_model, ensure_pretrained, init_process, log_to_file,
-                                      validate)
+                                      regularizer_config, validate)
 
 log = logging.getLogger("nemo_acft")
 
@@ -122,12 +122,13 @@ def run_all(cfg: Dict[str, Any]) -> Dict[str, Any]:
     t_start = time.perf_counter()
     validate(cfg)
     oracle = build_oracle(cfg["oracle"])  # bad oracle settings fail before any training
+    side = Side(cfg, "driver")  # reads and checks the data files
+    regularizer_config(cfg).lambdas(side.data.domains)  # domain names checked before training
     run_dir = Path(cfg["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = write_config(cfg, run_dir)
+    config_path = write_config(cfg, run_dir)  # only a config that passed every check
     init_process(cfg)
     log_to_file(run_dir / "logs" / "driver.log")
-    side = Side(cfg, "driver")
     times: Dict[str, float] = {}
     log.info("run_dir %s, schedule %s, K=%d iterations of %d LM steps; vocabulary %d, "
              "%d fine-tune records, %d held-out prompts", run_dir, cfg["schedule"], side.K,
