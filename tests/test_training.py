@@ -8,6 +8,7 @@ schedule starts its two sides as two more processes.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -179,8 +180,8 @@ def _kill_when(cmd, path_glob, root, timeout=240):
 @pytest.mark.parametrize("schedule,kill_points", [
     # after oracle block 2 is published, then inside LM block 2 (its checkpoint at step 16)
     ("sequential", ["exchange/nado/iter_000002/manifest.json", "checkpoints/acft/lm/iter_000016/manifest.json"]),
-    # while the two sides run at once: after φ_1, and inside LM block 2
-    ("parallel", ["exchange/nado/iter_000001/manifest.json", "checkpoints/acft/lm/iter_000020/manifest.json"]),
+    # while the two sides run at once: after φ_1, then inside LM block 2
+    ("parallel", ["exchange/nado/iter_000001/manifest.json", "checkpoints/acft/lm/iter_000016/manifest.json"]),
 ])
 def test_kill_9_and_resume_equals_uninterrupted(tmp_path, cache, parallel_run, schedule,
                                                 kill_points):
@@ -193,8 +194,12 @@ def test_kill_9_and_resume_equals_uninterrupted(tmp_path, cache, parallel_run, s
     cmd = _cmd(run_dir, cache, f"schedule={schedule}")
     for point in kill_points:
         _kill_when(cmd, point, run_dir)
+    # the kill lands a few ms after the checkpoint appears: LM block 2 is still unfinished
+    # unless the machine stalled the test process for the rest of the block
+    block_done = (run_dir / "exchange" / "lm" / "iter_000002" / "manifest.json").exists()
     p = _run(run_dir, cache, f"schedule={schedule}")
-    assert "resuming from the checkpoint" in p.stdout
+    # (a checkpoint at step 16, or 20 if block 2 ran on for a few ms before the kill)
+    assert block_done or re.search(r"resuming from the checkpoint at step (16|20)", p.stdout)
     for a, b in zip(_final_weights(reference), _final_weights(run_dir)):
         _assert_same(a, b)
     ref = json.loads((reference / "summary.json").read_text())
