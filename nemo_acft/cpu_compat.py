@@ -153,3 +153,73 @@ def apply() -> bool:
     mcore_random.initialize_rng_tracker = initialize_rng_tracker
     _APPLIED = True
     return True
+
+
+# --- NeMo (nemo-toolkit 2.5.0, MegatronGPTModel) on CPU -----------------------------------
+
+_NEMO_APPLIED = False
+
+
+def _local_specs(original):
+    """Stands in for ``megatron_gpt_model.get_specs``: it builds every spec eagerly, the TE one
+    included, which fails without transformer-engine (``TESpecProvider`` undefined). The default
+    and TE spec names get megatron-core's local spec; other names go to NeMo's function."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    @functools.wraps(original)
+    def get_specs(spec_name, transformer_config=None, use_te=True, hyena_cfg=None, fp8=False):
+        if spec_name in ("", "te_gpt"):
+            num_experts = getattr(transformer_config, "num_moe_experts", None)
+            return get_gpt_layer_local_spec(num_experts)
+        return original(spec_name, transformer_config, use_te, hyena_cfg, fp8)
+
+    return get_specs
+
+
+def apply_nemo() -> bool:
+    """Apply the megatron-core patches and NeMo's own, when CUDA is absent. Idempotent.
+
+    Each replaces a piece of apex/TE/CUDA that NeMo 2.5.0 reaches on the CPU path:
+    """
+    global _NEMO_APPLIED
+    if torch.cuda.is_available() or _NEMO_APPLIED:
+        return False
+    apply()
+    import os
+
+    import nemo.collections.nlp.models.language_modeling.megatron_gpt_model as gpt_module
+    import nemo.collections.nlp.modules.common.megatron.build_model as build_module
+    import nemo.collections.nlp.modules.common.megatron.utils as megatron_utils
+    import nemo.collections.nlp.parts.nlp_overrides as overrides
+    from megatron.core.tensor_parallel.layers import (
+        set_defaults_if_not_set_tensor_model_parallel_attributes,
+    )
+
+    # 1. NLPDDPStrategy.__init__ raises ImportError unless apex imported (HAVE_APEX); on CPU
+    #    nothing of apex is used by the strategy itself.
+    overrides.HAVE_APEX = True
+    # 2. MegatronBaseModel._enable_nvidia_optimizations runs re.fullmatch on the unset
+    #    NVIDIA_PYTORCH_VERSION (a NeMo bug outside NGC containers): an empty string is "unset".
+    os.environ.setdefault("NVIDIA_PYTORCH_VERSION", "")
+    # 3. get_specs builds the Transformer Engine spec eagerly: local spec instead.
+    if not getattr(gpt_module.get_specs, "__wrapped__", None):
+        gpt_module.get_specs = _local_specs(gpt_module.get_specs)
+    # 4. build_model calls apex's set_defaults_if_not_set_tensor_model_parallel_attributes,
+    #    imported only when apex is present: megatron-core has the same function.
+    build_module.set_defaults_if_not_set_tensor_model_parallel_attributes = (
+        set_defaults_if_not_set_tensor_model_parallel_attributes)
+    # 5. the weight-decay grouping uses apex's listify_model and apex's norm classes to find
+    #    norms: the identity-on-lists, and torch's norms (what the local spec builds).
+    megatron_utils.listify_model = lambda model: model if isinstance(model, list) else [model]
+    megatron_utils.FusedLayerNorm = torch.nn.LayerNorm
+    megatron_utils.FastLayerNorm = torch.nn.LayerNorm
+    megatron_utils.MixedFusedRMSNorm = torch.nn.RMSNorm
+    # 6. setup_transformer_engine_cp_groups creates a torch.cuda.Stream for TE's context
+    #    parallelism; only TE modules have set_context_parallel_group, and there are none on CPU.
+    from nemo.collections.nlp.models.language_modeling.megatron_base_model import (
+        MegatronBaseModel,
+    )
+
+    MegatronBaseModel.setup_transformer_engine_cp_groups = lambda self: None
+    _NEMO_APPLIED = True
+    return True

@@ -10,7 +10,13 @@ fi
 export PIP_CONSTRAINT="$PWD/constraints/cpu.txt"
 # torch first, from the constraint (the local CPU wheel), so nothing later can pull a CUDA build.
 .venv/bin/python -m pip install -q torch==2.13.0+cpu
-.venv/bin/python -m pip install -q -e ".[test]"
+# ACFT_NO_NEMO=1 skips nemo-toolkit (~3 GB; its tests are then skipped)
+EXTRAS=test
+[ "${ACFT_NO_NEMO:-0}" = 1 ] || EXTRAS=test,nemo
+.venv/bin/python -m pip install -q -e ".[$EXTRAS]"
+# nemo-toolkit pulls a torchvision built for CUDA, which fails to import next to the CPU torch
+# ("operator torchvision::nms does not exist"); nothing here needs torchvision
+.venv/bin/python -m pip uninstall -q -y torchvision 2>/dev/null || true
 .venv/bin/python - <<'PY'
 import torch, megatron.core, importlib.metadata as md
 print(f"nemo-acft env: torch {torch.__version__}, megatron-core {md.version('megatron-core')}, "

@@ -1,0 +1,146 @@
+"""``MegatronGPTACFTModel``: NeMo's ``MegatronGPTModel`` with the NADO head and the KL term.
+
+Following NeMo-Aligner's reward model, only two hooks change:
+
+- ``model_provider_func`` builds :class:`~nemo_acft.models.GPTNADOModel` (the GPT trunk exactly as
+  NeMo builds it, plus the NADO head on the last pipeline stage);
+- ``loss_func`` receives the last stage's :class:`~nemo_acft.models.gpt_nado.TokenLosses`
+  (per-token LM loss, closed-form KL on the vocab-parallel logits, log Z) inside Megatron's
+  forward-backward schedule and returns ``L_LM + λ · mean gated KL``.
+
+Everything else (data, optimizer, schedules, checkpointing, ``.nemo``) is NeMo's.
+
+Config: ``model.acft`` with ``lambda``, ``delta`` (feasibility gate, null = off), ``min_z``
+(infeasible-prefix gate, 0 = off) and ``nado`` (``num_layers``, ``fp32``).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from megatron.core import parallel_state
+from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import (
+    MegatronGPTModel,
+    get_specs,
+    mcore_model_customize,
+)
+from nemo.collections.nlp.modules.common.megatron.utils import (
+    average_losses_across_data_parallel_group,
+)
+from omegaconf import DictConfig
+
+from nemo_acft.models.config import NADOHeadConfig
+from nemo_acft.models.gpt_nado import GPTNADOModel, TokenLosses
+from nemo_acft.nado import kl_penalty
+
+ACFT_KEYS = {"lambda", "delta", "min_z", "nado"}
+
+
+def acft_settings(cfg: DictConfig) -> Dict:
+    """``model.acft`` with defaults; an unknown key or a bad value is a ValueError naming it."""
+    acft = dict(cfg.get("acft") or {})
+    unknown = sorted(set(acft) - ACFT_KEYS)
+    if unknown:
+        raise ValueError(f"model.acft.{unknown[0]}: unknown key; known: {sorted(ACFT_KEYS)}")
+    out = {"lambda": float(acft.get("lambda", 1.0)), "delta": acft.get("delta"),
+           "min_z": float(acft.get("min_z", 0.0)), "nado": dict(acft.get("nado") or {})}
+    if out["lambda"] < 0:
+        raise ValueError(f"model.acft.lambda={out['lambda']}: expected >= 0")
+    if out["delta"] is not None and not 0 < float(out["delta"]) <= 1:
+        raise ValueError(f"model.acft.delta={out['delta']}: expected null or a value in (0, 1]")
+    try:
+        NADOHeadConfig(**out["nado"])
+    except TypeError as e:
+        raise ValueError(f"model.acft.nado: {e}") from None
+    return out
+
+
+def validate_config(cfg: DictConfig, world_size: int) -> Dict:
+    """Check ``model`` before any process group is built: ``model.acft``, ``mcore_gpt``, and
+    that TP divides the heads and the FFN width, PP the layers, TP·PP the world size (each a
+    ValueError naming the value). NeMo pads the vocabulary to a multiple of
+    ``make_vocab_size_divisible_by · TP`` itself. Returns the ACFT settings."""
+    from nemo_acft.models.config import GPTConfig
+
+    if not cfg.get("mcore_gpt", False):
+        raise ValueError("model.mcore_gpt=False: MegatronGPTACFTModel needs the megatron-core "
+                         "GPT (set model.mcore_gpt=True)")
+    settings = acft_settings(cfg)
+    shape = GPTConfig(vocab_size=1, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+                      num_attention_heads=cfg.num_attention_heads,
+                      ffn_hidden_size=cfg.get("ffn_hidden_size"),
+                      make_vocab_size_divisible_by=cfg.get("make_vocab_size_divisible_by", 128))
+    shape.check_parallel(cfg.get("tensor_model_parallel_size", 1),
+                         cfg.get("pipeline_model_parallel_size", 1), world_size)
+    return settings
+
+
+class MegatronGPTACFTModel(MegatronGPTModel):
+    """``MegatronGPTModel`` + NADO head + λ · closed-form KL (see the module docstring)."""
+
+    def __init__(self, cfg: DictConfig, trainer):
+        self.acft = validate_config(cfg, trainer.world_size)
+        #: per-micro-batch metrics of the current step (lm_loss, kl, penalty, gated_share, mean_z)
+        self.acft_metrics: List[Dict[str, float]] = []
+        #: one entry per training step: the step's mean metrics and NeMo's reduced loss
+        self.acft_history: List[Dict[str, float]] = []
+        super().__init__(cfg, trainer)
+
+    def model_provider_func(self, pre_process, post_process):
+        """The trunk exactly as ``MegatronGPTModel`` builds it, as a ``GPTNADOModel``."""
+        cfg = self.cfg
+        model = GPTNADOModel(
+            config=self.transformer_config,
+            transformer_layer_spec=get_specs(self.spec_name, self.transformer_config,
+                                             self.transformer_engine, cfg.get("hyena", None),
+                                             cfg.get("fp8", False)),
+            vocab_size=cfg.get("override_vocab_size", self.padded_vocab_size),
+            max_sequence_length=cfg.get("encoder_seq_length", 512),
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=cfg.get("share_embeddings_and_output_weights", True),
+            position_embedding_type=cfg.get("position_embedding_type", "learned_absolute"),
+            rotary_percent=cfg.get("rotary_percentage", 1.0),
+            seq_len_interpolation_factor=cfg.get("seq_len_interpolation_factor", None),
+            rotary_base=cfg.get("rotary_base", 10000),
+            nado=NADOHeadConfig(**self.acft["nado"]),
+        )
+        mcore_model_customize(cfg, model)
+        return model
+
+    def loss_func(self, loss_mask, num_valid_tokens_in_ub, output_tensor):
+        """``L_LM + λ · mean_i gate_i KL_i`` for one micro-batch (last pipeline stage).
+
+        The LM term is normalised as NeMo's (sum over masked tokens / valid tokens); the KL term
+        is :func:`kl_penalty` with one domain.
+        """
+        if not isinstance(output_tensor, TokenLosses):
+            return super().loss_func(loss_mask, num_valid_tokens_in_ub, output_tensor)
+        mask = loss_mask.float().view_as(output_tensor.lm_loss)
+        lm_loss = (output_tensor.lm_loss.float() * mask).sum() / num_valid_tokens_in_ub
+        domain_ids = torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
+        lambdas = torch.tensor([self.acft["lambda"]], device=mask.device)
+        penalty, parts = kl_penalty(output_tensor.kl, output_tensor.log_z, mask, domain_ids,
+                                    lambdas, self.acft["delta"], self.acft["min_z"])
+        reduced = average_losses_across_data_parallel_group(
+            [lm_loss.detach(), penalty.detach(), parts["kl"], parts["gated_share"],
+             parts["mean_z"]])
+        self.acft_metrics.append(dict(zip(("lm_loss", "penalty", "kl", "gated_share", "mean_z"),
+                                          reduced.tolist())))
+        return lm_loss + penalty
+
+    def training_step(self, dataloader_iter):
+        """NeMo's step, then the ACFT metrics (mean over micro-batches, reduced over data
+        parallel) logged on the last pipeline stage."""
+        self.acft_metrics = []
+        loss = super().training_step(dataloader_iter)
+        if self.acft_metrics and parallel_state.is_pipeline_last_stage():
+            means = {key: sum(m[key] for m in self.acft_metrics) / len(self.acft_metrics)
+                     for key in self.acft_metrics[0]}
+            for key, value in means.items():
+                self.log(f"acft/{key}", value, prog_bar=key == "kl", rank_zero_only=True,
+                         batch_size=1)
+            self.acft_history.append({**means, "loss": float(loss)})
+        return loss

@@ -1,0 +1,160 @@
+"""NeMo integration: MegatronGPTACFTModel trained by NeMo's own Trainer/strategy on CPU (gloo), at
+TP=1, TP=2 and PP=2; config errors before any process group exists."""
+
+import pytest
+import torch
+
+pytest.importorskip("nemo.collections.nlp.models.language_modeling.megatron_gpt_model")
+
+from tests.dist_utils import run_workers  # noqa: E402
+
+
+def tiny_cfg(tp=1, pp=1, world=1, **acft):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({
+        "micro_batch_size": 2, "global_batch_size": 2 * world // (tp * pp),
+        "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+        "encoder_seq_length": 32, "max_position_embeddings": 32, "num_layers": 2,
+        "hidden_size": 64, "ffn_hidden_size": 256, "num_attention_heads": 4,
+        "init_method_std": 0.02, "hidden_dropout": 0.0, "attention_dropout": 0.0,
+        # megatron's mock GPT dataset draws ids below 4096 (CPU-STACK.md); one fixed size, so
+        # that TP=1 and TP=2 build the same weights (padding would differ with TP)
+        "make_vocab_size_divisible_by": 128, "override_vocab_size": 4096,
+        "position_embedding_type": "rope",
+        "share_embeddings_and_output_weights": False, "mcore_gpt": True,
+        "transformer_engine": False, "use_cpu_initialization": True, "precision": 32,
+        "seed": 1234, "bias": True, "normalization": "layernorm",
+        "tokenizer": {"library": "byte-level", "type": None, "model": None, "vocab_file": None,
+                      "merge_file": None},
+        "data": {"data_impl": "mock", "data_prefix": [], "splits_string": "98,1,1",
+                 "seq_length": 32, "skip_warmup": True, "num_workers": 0,
+                 "dataloader_type": "single", "reset_position_ids": False,
+                 "reset_attention_mask": False, "eod_mask_loss": False,
+                 "index_mapping_dir": None},
+        "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0},
+        "gradient_as_bucket_view": False, "masked_softmax_fusion": False,
+        "bias_activation_fusion": False, "bias_dropout_add_fusion": False,
+        "apply_rope_fusion": False, "gradient_accumulation_fusion": False,
+        "acft": {"lambda": 2.0, "delta": None, "min_z": 0.0, "nado": {"num_layers": 0}, **acft},
+    })
+
+
+def _same_weights_for_any_split(stage, tp):
+    """Give every parameter values drawn from its *global* name (layer numbers, not the stage's
+    local indices) and sliced for this TP rank, so TP=1, TP=2 and PP=2 hold one model. (Megatron's
+    CPU initialisation matches TP=1 at TP=2, not at PP=2: a stage draws its layers from the
+    generator's start.) The NADO head gets non-zero values too."""
+    import re
+    import zlib
+
+    from megatron.core import parallel_state
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    with torch.no_grad():
+        for name, p in stage.named_parameters():
+            key = name
+            m = re.match(r"decoder\.layers\.(\d+)\.(.*)", name)
+            if m:
+                key = f"layer{stage.decoder.layers[int(m[1])].layer_number}.{m[2]}"
+            g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+            shape = list(p.shape)
+            split = getattr(p, "tensor_model_parallel", False) and tp > 1
+            if split:
+                shape[p.partition_dim] *= tp
+            full = torch.randn(shape, generator=g) * (0.5 if name.startswith("nado_head") else 0.05)
+            if name.endswith("norm.weight") or name.endswith("layer_norm_weight"):
+                full += 1.0
+            p.copy_(full.chunk(tp, p.partition_dim)[tp_rank] if split else full)
+
+
+def _fit_worker(rank, world_size, tp, pp, steps):
+    from lightning.pytorch import Trainer
+
+    from nemo_acft.models import init_distributed
+    from nemo_acft.nemo import MegatronGPTACFTModel
+    from nemo.collections.nlp.parts.nlp_overrides import NLPDDPStrategy
+
+    init_distributed(tp=tp, pp=pp, seed=1234)  # NeMo then reuses the groups
+    trainer = Trainer(accelerator="cpu", devices=world_size, strategy=NLPDDPStrategy(),
+                      max_steps=steps, logger=False, enable_checkpointing=False,
+                      limit_val_batches=0, num_sanity_val_steps=0, precision=32,
+                      use_distributed_sampler=False, enable_progress_bar=False)
+    model = MegatronGPTACFTModel(tiny_cfg(tp, pp, world_size), trainer)
+    head = model.model.nado_head
+    _same_weights_for_any_split(model.model, tp)
+    trainer.fit(model)
+    return {"history": model.acft_history, "is_last": head is not None,
+            "model_type": type(model.model).__name__}
+
+
+def _history(results):
+    last = [r for r in results if r["is_last"]]
+    assert last, "no rank ran the last pipeline stage"
+    return last[0]["history"]
+
+
+@pytest.fixture(scope="module")
+def tp1():
+    (one,) = run_workers(_fit_worker, 1, 1, 1, 2)
+    return one
+
+
+def test_tp1_trains_with_nonzero_kl(tp1):
+    assert tp1["model_type"] == "GPTNADOModel"
+    hist = tp1["history"]
+    assert len(hist) == 2
+    for h in hist:
+        assert h["kl"] > 0.05  # the head is non-zero, so q != p
+        # NeMo's reduced loss is exactly the LM term plus λ·KL (no gate here)
+        assert h["penalty"] == pytest.approx(2.0 * h["kl"], rel=1e-6)
+        assert h["loss"] == pytest.approx(h["lm_loss"] + h["penalty"], rel=1e-5)
+
+
+def test_tp2_and_pp2_losses_equal_tp1(tp1):
+    ref = tp1["history"]
+    for tp, pp in ((2, 1), (1, 2)):
+        got = _history(run_workers(_fit_worker, 2, tp, pp, 2))
+        for a, b in zip(ref, got):
+            for key in ("loss", "lm_loss", "kl"):
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (tp, pp, key)
+
+
+def test_config_errors_before_any_process_group():
+    import torch.distributed as dist
+
+    from nemo_acft.nemo.model import validate_config
+
+    assert not dist.is_initialized()
+    validate_config(tiny_cfg(), world_size=1)
+    cases = [
+        (tiny_cfg(lamda=1.0), 1, "model.acft.lamda: unknown key"),
+        (tiny_cfg(delta=2.0), 1, "model.acft.delta=2.0"),
+        (tiny_cfg(nado={"layers": 1}), 1, "model.acft.nado"),
+        (tiny_cfg(tp=3, world=3), 3, "tensor_model_parallel_size=3 does not divide "
+                                     "num_attention_heads=4"),
+        (tiny_cfg(pp=4, world=4), 4, "pipeline_model_parallel_size=4 does not divide num_layers=2"),
+        (tiny_cfg(tp=2, world=3), 3, "world size 3 is not a multiple"),
+    ]
+    for cfg, world, message in cases:
+        with pytest.raises(ValueError) as e:
+            validate_config(cfg, world_size=world)
+        assert message in str(e.value)
+    cfg = tiny_cfg()
+    cfg.mcore_gpt = False
+    with pytest.raises(ValueError, match="model.mcore_gpt=False"):
+        validate_config(cfg, world_size=1)
+    assert not dist.is_initialized()
+
+
+def test_version_check_names_versions(monkeypatch):
+    from importlib import metadata
+
+    import nemo_acft.nemo as integration
+
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version",
+                        lambda d: "2.4.1" if d == "nemo-toolkit" else real(d))
+    with pytest.raises(ImportError, match=r"needs nemo-toolkit==2.5.0, megatron-core==0.13.1; "
+                                          r"installed: nemo-toolkit 2.4.1"):
+        integration.check_versions()
