@@ -1,5 +1,8 @@
 """NeMo integration: MegatronGPTACFTModel trained by NeMo's own Trainer/strategy on CPU (gloo), at
-TP=1, TP=2 and PP=2; config errors before any process group exists."""
+TP=1, TP=2 and PP=2; .nemo in (a plain GPT .nemo) and out (plain for stock MegatronGPTModel, and
+with the head) at TP=1 and TP=2; config errors before any process group exists."""
+
+import os
 
 import pytest
 import torch
@@ -158,3 +161,71 @@ def test_version_check_names_versions(monkeypatch):
     with pytest.raises(ImportError, match=r"needs nemo-toolkit==2.5.0, megatron-core==0.13.1; "
                                           r"installed: nemo-toolkit 2.4.1"):
         integration.check_versions()
+
+
+def _nemo_io_worker(rank, world_size, tmp):
+    """Plain GPT .nemo -> ACFT (trunk loaded, head zero); ACFT -> plain .nemo that stock
+    MegatronGPTModel restores; ACFT -> .nemo with head -> ACFT. Returns the logit differences."""
+    from lightning.pytorch import Trainer
+    from omegaconf import open_dict
+
+    from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import MegatronGPTModel
+    from nemo.collections.nlp.parts.nlp_overrides import NLPDDPStrategy
+    from nemo_acft.models import init_distributed
+    from nemo_acft.nemo import MegatronGPTACFTModel
+    from nemo_acft.nemo.export import export_plain_gpt, export_with_head
+
+    init_distributed(tp=world_size, pp=1, seed=1234)
+
+    def trainer():
+        return Trainer(accelerator="cpu", devices=world_size, strategy=NLPDDPStrategy(),
+                       max_steps=1, logger=False, enable_checkpointing=False,
+                       limit_val_batches=0, num_sanity_val_steps=0, precision=32,
+                       use_distributed_sampler=False, enable_progress_bar=False)
+
+    cfg = tiny_cfg(tp=world_size, world=world_size)
+    cfg.pop("acft")
+    plain = MegatronGPTModel(cfg, trainer())
+    _same_weights_for_any_split(plain.model, world_size)
+    plain.save_to(f"{tmp}/plain.nemo")
+    x = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(16).expand_as(x)
+    with torch.no_grad():
+        ref = plain.model(x, pos, None)
+    acfg = MegatronGPTModel.restore_from(f"{tmp}/plain.nemo", return_config=True)
+    with open_dict(acfg):
+        acfg.acft = {"lambda": 1.0, "nado": {"num_layers": 0}}
+    acft = MegatronGPTACFTModel.restore_from(f"{tmp}/plain.nemo", trainer=trainer(),
+                                             override_config_path=acfg, strict=False)
+    out = {"base_only": acft.acft_restored_base_only}
+    with torch.no_grad():
+        z, s = acft.model(x, pos, None)
+        out["restore_lm"] = (z - ref).abs().max().item()
+        out["restore_head"] = s.abs().max().item()
+        acft.model.nado_head.output_layer.weight.normal_(generator=torch.Generator().manual_seed(rank))
+        z, s = acft.model(x, pos, None)
+    export_plain_gpt(acft, f"{tmp}/served.nemo")
+    export_with_head(acft, f"{tmp}/with_head.nemo")
+    served = MegatronGPTModel.restore_from(f"{tmp}/served.nemo", trainer=trainer())
+    back = MegatronGPTACFTModel.restore_from(f"{tmp}/with_head.nemo", trainer=trainer())
+    with torch.no_grad():
+        out["served_type"] = type(served.model).__name__
+        out["served_lm"] = (served.model(x, pos, None) - z).abs().max().item()
+        z2, s2 = back.model(x, pos, None)
+        out["back_lm"] = (z2 - z).abs().max().item()
+        out["back_head"] = (s2 - s).abs().max().item()
+        out["head_nonzero"] = s.abs().max().item()
+    out["no_temporaries"] = not [p for p in os.listdir(tmp) if ".tmp" in p]
+    return out
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_nemo_in_and_out(tmp_path, world_size):
+    results = run_workers(_nemo_io_worker, world_size, str(tmp_path))
+    for out in results:
+        assert out["base_only"]
+        assert out["restore_lm"] == 0.0 and out["restore_head"] == 0.0
+        assert out["served_type"] == "GPTModel" and out["served_lm"] == 0.0
+        assert out["head_nonzero"] > 0.1
+        assert out["back_lm"] == 0.0 and out["back_head"] == 0.0
+        assert out["no_temporaries"]

@@ -131,6 +131,22 @@ class MegatronGPTACFTModel(MegatronGPTModel):
                                           reduced.tolist())))
         return lm_loss + penalty
 
+    def on_load_checkpoint(self, checkpoint) -> None:
+        """Restore: a checkpoint with the head loads as NeMo loads it; a plain GPT checkpoint
+        (no ``nado_head.`` weights) loads into the trunk, the head keeps its fresh zeros (R = 1/2,
+        q = p), and any other mismatch is an error naming the keys."""
+        state = checkpoint.get("state_dict") or {}
+        if state and not any(k.startswith("model.nado_head.") for k in state):
+            if len(self.get_model_module_list()) != 1:
+                raise ValueError("restoring a plain GPT .nemo with virtual pipeline stages is not "
+                                 "supported")
+            trunk = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+            self.get_model_module_list()[0].load_base_state_dict(trunk)
+            self.acft_restored_base_only = True
+            return
+        self.acft_restored_base_only = False
+        super().on_load_checkpoint(checkpoint)
+
     def training_step(self, dataloader_iter):
         """NeMo's step, then the ACFT metrics (mean over micro-batches, reduced over data
         parallel) logged on the last pipeline stage."""
