@@ -176,10 +176,45 @@ def _local_specs(original):
     return get_specs
 
 
+def _clip_grad_norm_fp32_cpu(parameters, max_norm, norm_type=2, use_fsdp=False):
+    """Stands in for NeMo's ``clip_grad_norm_fp32``, which asserts ``torch.cuda.FloatTensor``
+    grads and computes the norm with apex's ``amp_C`` kernels (megatron-core's
+    ``get_grad_norm_fp32`` has a ``device='cuda'`` literal too). The same arithmetic: the norm
+    over shared and tensor-parallel-duplicate parameters counted once, reduced over the
+    model-parallel group, then grads scaled by ``max_norm / (norm + 1e-6)`` when below 1."""
+    import math
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
+
+    if use_fsdp:
+        raise NotImplementedError("FSDP gradient clipping is not available on CPU")
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    params = [p for p in params if p.grad is not None]
+    grads = [p.grad.detach().float() for p in params
+             if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)]
+    group = parallel_state.get_model_parallel_group()
+    if norm_type == math.inf:
+        total = torch.stack([g.abs().max() for g in grads]).max() if grads else torch.zeros(())
+        dist.all_reduce(total, op=dist.ReduceOp.MAX, group=group)
+    else:
+        total = sum((g.norm(norm_type) ** norm_type for g in grads), torch.zeros(()))
+        dist.all_reduce(total, group=group)
+        total = total ** (1.0 / norm_type)
+    coeff = max_norm / (float(total) + 1e-6)
+    if coeff < 1.0:
+        for p in params:
+            p.grad.detach().mul_(coeff)
+    return total
+
+
 def apply_nemo() -> bool:
     """Apply the megatron-core patches and NeMo's own, when CUDA is absent. Idempotent.
 
-    Each replaces a piece of apex/TE/CUDA that NeMo 2.5.0 reaches on the CPU path:
+    Each replaces a piece of apex/TE/CUDA that NeMo 2.5.0 reaches on the CPU path (numbered
+    in the body). Called on import of :mod:`nemo_acft.nemo`.
     """
     global _NEMO_APPLIED
     if torch.cuda.is_available() or _NEMO_APPLIED:
@@ -221,5 +256,27 @@ def apply_nemo() -> bool:
     )
 
     MegatronBaseModel.setup_transformer_engine_cp_groups = lambda self: None
+    # 7. gradient clipping (trainer.gradient_clip_val) goes through NeMo's clip_grad_norm_fp32,
+    #    which needs CUDA tensors and apex's amp_C: the same arithmetic in torch.
+    import nemo.collections.nlp.models.language_modeling.megatron_base_model as base_module
+
+    base_module.clip_grad_norm_fp32 = _clip_grad_norm_fp32_cpu
+    # 8. NLPDDPStrategy wraps the model in torch DDP even with one data-parallel replica, and
+    #    torch 2.13's DDP refuses to rebuild its buckets at the third step when, as in NeMo's
+    #    Megatron training, forward and backward both run inside DDP's forward ("initialize_buckets
+    #    must NOT be called during autograd execution"). With one replica DDP has nothing to
+    #    reduce: the model is used unwrapped. (Data parallelism > 1 on CPU keeps NeMo's wrapper
+    #    and is not covered here.)
+    from megatron.core import parallel_state as _ps
+
+    _configure_ddp = overrides.NLPDDPStrategy.configure_ddp
+
+    def configure_ddp(self):
+        if _ps.model_parallel_is_initialized() and _ps.get_data_parallel_world_size() == 1:
+            self._model = self.model
+            return
+        _configure_ddp(self)
+
+    overrides.NLPDDPStrategy.configure_ddp = configure_ddp
     _NEMO_APPLIED = True
     return True

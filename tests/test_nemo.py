@@ -229,3 +229,72 @@ def test_nemo_in_and_out(tmp_path, world_size):
         assert out["head_nonzero"] > 0.1
         assert out["back_lm"] == 0.0 and out["back_head"] == 0.0
         assert out["no_temporaries"]
+
+
+def _nemo_cli(*args, timeout=600):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "nemo_acft.nemo.train", "--config-name",
+                           "tiny_cpu", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _restore_plain_worker(rank, world_size, path):
+    from lightning.pytorch import Trainer
+
+    from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import MegatronGPTModel
+    from nemo.collections.nlp.parts.nlp_overrides import NLPDDPStrategy
+    from nemo_acft.models import init_distributed
+    import nemo_acft.nemo  # noqa: F401  (CPU patches)
+
+    init_distributed(tp=1, pp=1, seed=0)
+    trainer = Trainer(accelerator="cpu", devices=1, strategy=NLPDDPStrategy(), logger=False,
+                      enable_checkpointing=False, use_distributed_sampler=False)
+    model = MegatronGPTModel.restore_from(path, trainer=trainer)
+    return type(model).__name__, "acft" in model.cfg
+
+
+def test_acft_nemo_train_entry_point(tmp_path):
+    """4 steps with gradient clipping and validation, both .nemo files at the end; a second run
+    starts from the first one's plain .nemo; bad overrides fail before training."""
+    out = tmp_path / "run1"
+    p = _nemo_cli(f"exp_manager.explicit_log_dir={out}", "trainer.max_steps=3")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (out / "acft_gpt.nemo").is_file() and (out / "acft_with_head.nemo").is_file()
+    ((name, has_acft),) = run_workers(_restore_plain_worker, 1, str(out / "acft_gpt.nemo"))
+    assert name == "MegatronGPTModel" and not has_acft
+    out2 = tmp_path / "run2"
+    p = _nemo_cli(f"exp_manager.explicit_log_dir={out2}", "trainer.max_steps=1",
+                  f"model.restore_from_path={out / 'acft_gpt.nemo'}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (out2 / "acft_gpt.nemo").is_file()
+    for args, message in [(["model.acft.lamda=1"], "Could not override 'model.acft.lamda'"),
+                          (["model.tensor_model_parallel_size=3", "trainer.devices=3"],
+                           "tensor_model_parallel_size=3 does not divide num_attention_heads=4"),
+                          (["model.restore_from_path=/nonexistent.nemo"],
+                           "model.restore_from_path=/nonexistent.nemo: no such .nemo file")]:
+        p = _nemo_cli(f"exp_manager.explicit_log_dir={tmp_path / 'bad'}", *args, timeout=120)
+        assert p.returncode != 0 and message in p.stderr + p.stdout, (args, p.stderr[-2000:])
+
+
+def _clip_worker(rank, world_size):
+    from nemo_acft.models import init_distributed
+    from nemo_acft.cpu_compat import _clip_grad_norm_fp32_cpu
+
+    init_distributed(tp=1, pp=1, seed=0)
+    g = torch.Generator().manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(5, 3, generator=g)) for _ in range(3)]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    for x, y in zip(a, b):
+        x.grad = torch.randn(x.shape, generator=g) * 3
+        y.grad = x.grad.clone()
+    ours = float(_clip_grad_norm_fp32_cpu(a, 1.5))
+    ref = float(torch.nn.utils.clip_grad_norm_(b, 1.5))
+    return ours, ref, [x.grad for x in a], [y.grad for y in b]
+
+
+def test_cpu_gradient_clipping_matches_torch():
+    ((ours, ref, ga, gb),) = run_workers(_clip_worker, 1)
+    assert ours == pytest.approx(ref, rel=1e-6)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
