@@ -255,14 +255,27 @@ def _restore_plain_worker(rank, world_size, path):
 
 
 def test_acft_nemo_train_entry_point(tmp_path):
-    """4 steps with gradient clipping and validation, both .nemo files at the end; a second run
-    starts from the first one's plain .nemo; bad overrides fail before training."""
+    """3 steps with gradient clipping and validation, both .nemo files at the end, acft-export;
+    a second run starts from the first one's plain .nemo; bad overrides fail before training."""
     out = tmp_path / "run1"
     p = _nemo_cli(f"exp_manager.explicit_log_dir={out}", "trainer.max_steps=3")
     assert p.returncode == 0, p.stderr[-3000:]
     assert (out / "acft_gpt.nemo").is_file() and (out / "acft_with_head.nemo").is_file()
     ((name, has_acft),) = run_workers(_restore_plain_worker, 1, str(out / "acft_gpt.nemo"))
     assert name == "MegatronGPTModel" and not has_acft
+    # acft-export: the .nemo with the head -> a plain one that stock MegatronGPTModel restores
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "nemo_acft.nemo.export", "--nemo",
+                        str(out / "acft_with_head.nemo"), "--out", str(out / "served.nemo")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ((name, has_acft),) = run_workers(_restore_plain_worker, 1, str(out / "served.nemo"))
+    assert name == "MegatronGPTModel" and not has_acft
+    p = subprocess.run([sys.executable, "-m", "nemo_acft.nemo.export", "--nemo",
+                        str(out / "acft_gpt.nemo"), "--out", str(out / "x.nemo")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "not an ACFT .nemo" in p.stderr
     out2 = tmp_path / "run2"
     p = _nemo_cli(f"exp_manager.explicit_log_dir={out2}", "trainer.max_steps=1",
                   f"model.restore_from_path={out / 'acft_gpt.nemo'}")

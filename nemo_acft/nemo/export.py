@@ -51,3 +51,55 @@ def export_plain_gpt(model, path, trainer=None) -> Path:
     for dst, src in zip(plain.get_model_module_list(), model.get_model_module_list()):
         dst.load_state_dict(src.base_state_dict(), strict=True)
     return _atomic_save_to(plain, path)
+
+
+def main(argv=None) -> None:
+    """``acft-export``: turn an ACFT ``.nemo`` (with the head) into the plain GPT ``.nemo`` to
+    serve, or re-write it with the head. Launch with torchrun for TP·PP > 1."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("--nemo", required=True, help="an ACFT .nemo (MegatronGPTACFTModel)")
+    parser.add_argument("--out", required=True, help="the .nemo to write")
+    parser.add_argument("--with-head", action="store_true",
+                        help="keep the NADO head (for guided decoding); default: plain GPT")
+    args = parser.parse_args(argv)
+    src = Path(args.nemo)
+    if not src.is_file():
+        raise SystemExit(f"--nemo {src}: no such file")
+
+    from lightning.pytorch import Trainer
+    from nemo.collections.nlp.parts.nlp_overrides import NLPDDPStrategy
+
+    from nemo_acft.models import init_distributed
+    from nemo_acft.nemo import MegatronGPTACFTModel
+    from nemo_acft.nemo.model import validate_config
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    cfg = MegatronGPTACFTModel.restore_from(str(src), return_config=True)
+    if "acft" not in cfg:
+        raise SystemExit(f"--nemo {src}: not an ACFT .nemo (its config has no 'acft'); a plain "
+                         "GPT .nemo needs no export")
+    validate_config(cfg, world)
+    init_distributed(tp=cfg.get("tensor_model_parallel_size", 1),
+                     pp=cfg.get("pipeline_model_parallel_size", 1), seed=cfg.get("seed", 1234))
+    trainer = Trainer(accelerator="gpu" if torch_cuda() else "cpu", devices=world,
+                      strategy=NLPDDPStrategy(), logger=False, enable_checkpointing=False,
+                      use_distributed_sampler=False)
+    model = MegatronGPTACFTModel.restore_from(str(src), trainer=trainer)
+    if args.with_head:
+        export_with_head(model, args.out)
+    else:
+        export_plain_gpt(model, args.out)
+    if _rank() == 0:
+        print(f"wrote {args.out} ({'with' if args.with_head else 'without'} the NADO head)")
+
+
+def torch_cuda() -> bool:  # noqa: D103
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    main()
