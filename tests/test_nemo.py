@@ -2,6 +2,7 @@
 TP=1, TP=2 and PP=2; .nemo in (a plain GPT .nemo) and out (plain for stock MegatronGPTModel, and
 with the head) at TP=1 and TP=2; config errors before any process group exists."""
 
+import math
 import os
 
 import pytest
@@ -134,6 +135,9 @@ def test_config_errors_before_any_process_group():
         (tiny_cfg(lamda=1.0), 1, "model.acft.lamda: unknown key"),
         (tiny_cfg(delta=2.0), 1, "model.acft.delta=2.0"),
         (tiny_cfg(nado={"layers": 1}), 1, "model.acft.nado"),
+        (tiny_cfg(mode="sample"), 1, "model.acft.mode='sample': expected one of"),
+        (tiny_cfg(mode="nado", samples_path="/nonexistent.pt"), 1,
+         "model.acft.samples_path='/nonexistent.pt': NADO mode needs an existing samples file"),
         (tiny_cfg(tp=3, world=3), 3, "tensor_model_parallel_size=3 does not divide "
                                      "num_attention_heads=4"),
         (tiny_cfg(pp=4, world=4), 4, "pipeline_model_parallel_size=4 does not divide num_layers=2"),
@@ -311,3 +315,47 @@ def test_cpu_gradient_clipping_matches_torch():
     assert ours == pytest.approx(ref, rel=1e-6)
     for x, y in zip(ga, gb):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def _nado_mode_worker(rank, world_size, samples_path):
+    from lightning.pytorch import Trainer
+
+    from nemo.collections.nlp.parts.nlp_overrides import NLPDDPStrategy
+    from nemo_acft.models import init_distributed
+    from nemo_acft.nemo import MegatronGPTACFTModel
+
+    init_distributed(tp=world_size, pp=1, seed=1234)
+    trainer = Trainer(accelerator="cpu", devices=world_size, strategy=NLPDDPStrategy(),
+                      max_steps=3, logger=False, enable_checkpointing=False,
+                      limit_val_batches=0, num_sanity_val_steps=0, precision=32,
+                      use_distributed_sampler=False, enable_progress_bar=False)
+    cfg = tiny_cfg(tp=world_size, world=world_size, mode="nado", samples_path=samples_path,
+                   alpha=1.0)
+    model = MegatronGPTACFTModel(cfg, trainer)
+    _same_weights_for_any_split(model.model, world_size)
+    with torch.no_grad():
+        model.model.nado_head.output_layer.weight.zero_()  # a fresh head: R = 1/2
+    before = {k: v.clone() for k, v in model.model.state_dict().items() if v is not None}
+    trainer.fit(model)
+    after = model.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    return {"history": model.acft_history, "changed": changed}
+
+
+def test_nado_mode_trains_the_head_only(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    n, t = 16, 33
+    labels = torch.randint(0, 2, (n,), generator=g).float()
+    labels[3] = float("nan")  # a failed oracle call: masked
+    torch.save({"tokens": torch.randint(0, 4096, (n, t), generator=g),
+                "prompt_lengths": torch.full((n,), 5), "lengths": torch.full((n,), 25),
+                "labels": labels}, tmp_path / "samples.pt")
+    (one,) = run_workers(_nado_mode_worker, 1, str(tmp_path / "samples.pt"))
+    # step 1 with a zero head: CE = log 2 on every labelled token, consistency KL(½‖½) = 0
+    assert one["history"][0]["nado_ce"] == pytest.approx(math.log(2), rel=1e-6)
+    assert one["history"][0]["nado_cons"] == pytest.approx(0.0, abs=1e-7)
+    assert one["history"][-1]["nado_loss"] < one["history"][0]["nado_loss"]
+    assert one["changed"] and all(k.startswith("nado_head.") for k in one["changed"])
+    two = run_workers(_nado_mode_worker, 2, str(tmp_path / "samples.pt"))
+    for a, b in zip(one["history"], two[0]["history"]):
+        assert b["nado_loss"] == pytest.approx(a["nado_loss"], rel=1e-5)

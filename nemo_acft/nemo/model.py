@@ -16,6 +16,7 @@ Config: ``model.acft`` with ``lambda``, ``delta`` (feasibility gate, null = off)
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Dict, List
 
 import torch
@@ -32,9 +33,11 @@ from omegaconf import DictConfig
 
 from nemo_acft.models.config import NADOHeadConfig
 from nemo_acft.models.gpt_nado import GPTNADOModel, TokenLosses
-from nemo_acft.nado import kl_penalty
+from nemo_acft.models.parallel import tp_group
+from nemo_acft.nado import kl_penalty, nado_loss
 
-ACFT_KEYS = {"lambda", "delta", "min_z", "nado"}
+ACFT_KEYS = {"lambda", "delta", "min_z", "nado", "mode", "alpha", "samples_path"}
+MODES = ("lm", "nado")
 
 
 def acft_settings(cfg: DictConfig) -> Dict:
@@ -44,7 +47,16 @@ def acft_settings(cfg: DictConfig) -> Dict:
     if unknown:
         raise ValueError(f"model.acft.{unknown[0]}: unknown key; known: {sorted(ACFT_KEYS)}")
     out = {"lambda": float(acft.get("lambda", 1.0)), "delta": acft.get("delta"),
-           "min_z": float(acft.get("min_z", 0.0)), "nado": dict(acft.get("nado") or {})}
+           "min_z": float(acft.get("min_z", 0.0)), "nado": dict(acft.get("nado") or {}),
+           "mode": acft.get("mode", "lm"), "alpha": float(acft.get("alpha", 1.0)),
+           "samples_path": acft.get("samples_path")}
+    if out["mode"] not in MODES:
+        raise ValueError(f"model.acft.mode={out['mode']!r}: expected one of {MODES}")
+    if out["mode"] == "nado":
+        path = out["samples_path"]
+        if not path or not Path(path).is_file():
+            raise ValueError(f"model.acft.samples_path={path!r}: NADO mode needs an existing "
+                             "samples file (samples.pt of an oracle block)")
     if out["lambda"] < 0:
         raise ValueError(f"model.acft.lambda={out['lambda']}: expected >= 0")
     if out["delta"] is not None and not 0 < float(out["delta"]) <= 1:
@@ -86,6 +98,10 @@ class MegatronGPTACFTModel(MegatronGPTModel):
         #: one entry per training step: the step's mean metrics and NeMo's reduced loss
         self.acft_history: List[Dict[str, float]] = []
         super().__init__(cfg, trainer)
+        if self.acft["mode"] == "nado":  # the sampling/NADO group: only the head trains
+            for module in self.get_model_module_list():
+                for name, param in module.named_parameters():
+                    param.requires_grad_(name.startswith("nado_head."))
 
     def model_provider_func(self, pre_process, post_process):
         """The trunk exactly as ``MegatronGPTModel`` builds it, as a ``GPTNADOModel``."""
@@ -131,6 +147,47 @@ class MegatronGPTACFTModel(MegatronGPTModel):
                                           reduced.tolist())))
         return lm_loss + penalty
 
+    # --- NADO-training mode -------------------------------------------------------------
+
+    def build_train_valid_test_datasets(self):
+        """NADO mode: the labelled samples of ``model.acft.samples_path`` (train and
+        validation); LM mode: NeMo's datasets."""
+        if self.acft["mode"] != "nado":
+            return super().build_train_valid_test_datasets()
+        self._train_ds = LabelledSamplesDataset(self.acft["samples_path"])
+        self._validation_ds = self._train_ds
+        self._test_ds = None
+        return self._train_ds, self._validation_ds, self._test_ds
+
+    def get_forward_output_and_loss_func(self, validation_step=False, tuning=False):
+        """NADO mode: ``nado_loss`` on the last stage's (LM, NADO) logits, the LM logits
+        detached; LM mode: NeMo's function (whose ``loss_func`` hook is :meth:`loss_func`)."""
+        if self.acft["mode"] != "nado":
+            return super().get_forward_output_and_loss_func(validation_step, tuning)
+        alpha = self.acft["alpha"]
+
+        def fwd_output_and_loss_func(dataloader_iter, model, checkpoint_activations_all_layers=None):
+            batch = next(dataloader_iter)
+            if isinstance(batch, tuple):
+                batch = batch[0]
+            output = model(batch["tokens"], batch["position_ids"], None)
+
+            def loss_func(output_tensor):
+                lm_logits, nado_logits = output_tensor
+                loss, parts = nado_loss(lm_logits.detach(), nado_logits, batch["labels"],
+                                        batch["seq_label"], batch["loss_mask"], alpha=alpha,
+                                        tp_group=tp_group())
+                reduced = average_losses_across_data_parallel_group(
+                    [loss.detach(), parts["ce"], parts["cons"]])
+                self.acft_metrics.append({"nado_loss": float(reduced[0]),
+                                          "nado_ce": float(reduced[1]),
+                                          "nado_cons": float(reduced[2])})
+                return loss, {"avg": reduced[:1]}
+
+            return output, loss_func
+
+        return fwd_output_and_loss_func
+
     def on_load_checkpoint(self, checkpoint) -> None:
         """Restore: a checkpoint with the head loads as NeMo loads it; a plain GPT checkpoint
         (no ``nado_head.`` weights) loads into the trunk, the head keeps its fresh zeros (R = 1/2,
@@ -160,3 +217,30 @@ class MegatronGPTACFTModel(MegatronGPTModel):
                          batch_size=1)
             self.acft_history.append({**means, "loss": float(loss)})
         return loss
+
+
+class LabelledSamplesDataset(torch.utils.data.Dataset):
+    """The oracle block's ``samples.pt`` (tokens, prompt_lengths, lengths, labels) as NADO
+    training examples: inputs, next-token targets, the generated positions as loss mask, and
+    the sequence label (NaN = unlabelled, masked by ``nado_loss``)."""
+
+    def __init__(self, path: str):
+        from nemo_acft.sampling import Samples
+        from nemo_acft.training.blocks import nado_targets
+
+        data = torch.load(path, map_location="cpu", weights_only=False)
+        missing = [k for k in ("tokens", "prompt_lengths", "lengths", "labels") if k not in data]
+        if missing:
+            raise ValueError(f"{path}: samples file without {missing}")
+        samples = Samples(tokens=data["tokens"], prompt_lengths=data["prompt_lengths"],
+                          lengths=data["lengths"], logprobs=torch.zeros(0))
+        self.inputs, self.targets, self.mask = nado_targets(samples)
+        self.labels = data["labels"].float()
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+        return {"tokens": self.inputs[i], "labels": self.targets[i], "loss_mask": self.mask[i],
+                "position_ids": torch.arange(self.inputs.shape[1]),
+                "seq_label": self.labels[i]}
