@@ -96,7 +96,7 @@ def test_nado_head_approaches_exact_r_of_an_enumerable_model():
 
 def test_kl_penalty_matches_brute_force():
     g = torch.Generator().manual_seed(0)
-    b, s, names = 5, 7, ["a", "b", "c"]
+    b, s = 5, 7
     kl = torch.rand(b, s, generator=g, dtype=torch.float64)
     log_z = torch.log(torch.rand(b, s, generator=g, dtype=torch.float64))
     mask = (torch.rand(b, s, generator=g) > 0.2).double()

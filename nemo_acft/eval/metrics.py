@@ -4,7 +4,7 @@ that costs in perplexity."""
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 

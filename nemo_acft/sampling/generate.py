@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
