@@ -41,7 +41,7 @@ def violation_rate(model, tokenizer, prompts: Sequence[str], oracle, params: Sam
     repeated = [p for p in prompts for _ in range(samples_per_prompt)]
     out = sample_and_label(model, tokenizer, repeated, oracle, params, vocab_size=vocab_size,
                            batch_size=batch_size, threshold=threshold, guided=guided)
-    scored = [s for s in out.scores if s is not None]
-    rate = sum(s < threshold for s in scored) / len(scored) if scored else math.nan
-    return {"violation_rate": rate, "num_scored": len(scored),
-            "num_failed": len(out.scores) - len(scored), "texts": out.texts, "scores": out.scores}
+    failed = sum(s is None for s in out.scores)
+    # labels are score >= threshold, so label < 0.5 is score < threshold
+    return {"violation_rate": out.violation_rate(), "num_scored": len(out.scores) - failed,
+            "num_failed": failed, "texts": out.texts, "scores": out.scores}

@@ -8,6 +8,7 @@ import copy
 import os
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import MegatronGPTModel
 from omegaconf import open_dict
@@ -83,7 +84,7 @@ def main(argv=None) -> None:
     validate_config(cfg, world)
     init_distributed(tp=cfg.get("tensor_model_parallel_size", 1),
                      pp=cfg.get("pipeline_model_parallel_size", 1), seed=cfg.get("seed", 1234))
-    trainer = Trainer(accelerator="gpu" if torch_cuda() else "cpu", devices=world,
+    trainer = Trainer(accelerator="gpu" if torch.cuda.is_available() else "cpu", devices=world,
                       strategy=NLPDDPStrategy(), logger=False, enable_checkpointing=False,
                       use_distributed_sampler=False)
     model = MegatronGPTACFTModel.restore_from(str(src), trainer=trainer)
@@ -93,12 +94,6 @@ def main(argv=None) -> None:
         export_plain_gpt(model, args.out)
     if _rank() == 0:
         print(f"wrote {args.out} ({'with' if args.with_head else 'without'} the NADO head)")
-
-
-def torch_cuda() -> bool:  # noqa: D103
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

@@ -44,13 +44,13 @@ def sample_and_label(model, tokenizer, prompts: Sequence[str], oracle, params: S
                               pad_id=tokenizer.pad_id))
     width = max(s.tokens.shape[1] for s in parts)
 
-    def cat(name):
+    def cat(name, value=0):
         ts = [getattr(s, name) for s in parts]
         if ts[0].dim() == 2:
-            ts = [torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in ts]
+            ts = [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in ts]
         return torch.cat(ts)
 
-    samples = Samples(tokens=cat("tokens"), prompt_lengths=cat("prompt_lengths"),
+    samples = Samples(tokens=cat("tokens", tokenizer.pad_id), prompt_lengths=cat("prompt_lengths"),
                       lengths=cat("lengths"), logprobs=cat("logprobs"))
     texts = [tokenizer.decode(samples.tokens[i, :samples.lengths[i]].tolist())
              for i in range(samples.tokens.shape[0])]

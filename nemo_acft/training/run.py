@@ -39,7 +39,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from nemo_acft.training.blocks import (OptimConfig, freeze_head, lm_block, train_nado)
+from nemo_acft.io_utils import atomic_write
+from nemo_acft.training.blocks import OptimConfig, freeze_head, lm_block, train_nado
 from nemo_acft.training.exchange import ArtifactStore
 from nemo_acft.training.setup import (RunData, build_data, build_model, ensure_pretrained,
                                       gpt_config, init_process, log_to_file, regularizer_config,
@@ -91,12 +92,9 @@ def _status_path(store: ArtifactStore, side: str) -> Path:
 
 def write_status(store: ArtifactStore, side: str, state: str, **extra) -> None:
     """``exchange/status/<side>.json``: running | done | failed (atomically replaced)."""
-    p = _status_path(store, side)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"state": state, "host": socket.gethostname(), "pid": os.getpid(),
-                               "time": time.time(), **extra}))
-    os.replace(tmp, p)
+    with atomic_write(_status_path(store, side)) as fh:
+        json.dump({"state": state, "host": socket.gethostname(), "pid": os.getpid(),
+                   "time": time.time(), **extra}, fh)
 
 
 def other_alive(store: ArtifactStore, other: str):

@@ -11,13 +11,12 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 
 from nemo_acft.data import (LMDataset, WordTokenizer, domains, encode_records, generate_corpus,
                             make_prompts, read_prompts, read_records)
-from nemo_acft.io_utils import atomic_write
 from nemo_acft.models.config import GPTConfig, NADOHeadConfig
 from nemo_acft.sampling import SamplingParams
 from nemo_acft.training.blocks import OptimConfig, RegularizerConfig
@@ -247,7 +246,7 @@ def ensure_pretrained(cfg: Dict[str, Any], data: RunData, gcfg: GPTConfig,
     tmp.mkdir(exist_ok=True)
     torch.save(model.state_dict(), tmp / "model.pt")
     data.tokenizer.save(str(tmp / "tokenizer.json"))
-    with atomic_write(tmp / "config.json") as fh:
+    with open(tmp / "config.json", "w") as fh:  # inside the directory renamed below
         json.dump({"model": cfg["model"], "pretrain": cfg["pretrain"]}, fh, indent=1)
     if out.exists():  # another process finished first: keep theirs
         import shutil
@@ -256,10 +255,3 @@ def ensure_pretrained(cfg: Dict[str, Any], data: RunData, gcfg: GPTConfig,
     else:
         os.rename(tmp, out)
     return out
-
-
-def nested_get(cfg: Dict[str, Any], dotted: str, default: Optional[Any] = None):  # noqa: D103
-    try:
-        return _get(cfg, dotted)
-    except KeyError:
-        return default
