@@ -359,3 +359,97 @@ def test_nado_mode_trains_the_head_only(tmp_path):
     two = run_workers(_nado_mode_worker, 2, str(tmp_path / "samples.pt"))
     for a, b in zip(one["history"], two[0]["history"]):
         assert b["nado_loss"] == pytest.approx(a["nado_loss"], rel=1e-5)
+
+
+DOMAIN_RECORDS = [("wiki", "the river runs past the old mill"), ("chat", "you are such an idiot"),
+                  ("wiki", "a small town in the north"), ("chat", "thanks, that helped a lot"),
+                  ("chat", "what a dumb idea honestly"), ("wiki", "the bridge was built in 1820")]
+
+
+def _write_domain_jsonl(path):
+    import json
+
+    with open(path, "w") as f:
+        for domain, text in DOMAIN_RECORDS:
+            f.write(json.dumps({"text": text, "domain": domain}) + "\n")
+    return str(path)
+
+
+def _domain_worker(rank, world_size, data_path):
+    import torch.nn.functional as F
+    from lightning.pytorch import Trainer
+
+    from nemo_acft.models import init_distributed
+    from nemo_acft.nemo import MegatronGPTACFTModel
+    from nemo_acft.nemo.model import DomainTextDataset
+    from nemo.collections.nlp.parts.nlp_overrides import NLPDDPStrategy
+
+    init_distributed(tp=1, pp=1, seed=1234)
+    trainer = Trainer(accelerator="cpu", devices=1, strategy=NLPDDPStrategy(), max_steps=1,
+                      logger=False, enable_checkpointing=False, limit_val_batches=0,
+                      num_sanity_val_steps=0, precision=32, use_distributed_sampler=False,
+                      enable_progress_bar=False)
+    cfg = tiny_cfg(domains=["wiki", "chat"], domain_lambdas={"chat": 8.0},
+                   data={"train_path": data_path})
+    cfg.micro_batch_size = cfg.global_batch_size = 4
+    model = MegatronGPTACFTModel(cfg, trainer)
+    _same_weights_for_any_split(model.model, 1)
+    # the first global batch of the sampler: records 0..3, read by the same dataset class
+    ds = DomainTextDataset(data_path, model.tokenizer, 32, ["wiki", "chat"])
+    batch = [ds[i] for i in range(4)]
+    x = torch.stack([b["tokens"] for b in batch])
+    y = torch.stack([b["labels"] for b in batch])
+    mask = torch.stack([b["loss_mask"] for b in batch]).double()
+    dom = torch.stack([b["domain_ids"] for b in batch])
+    with torch.no_grad():
+        z, s = model.model(x, torch.arange(32).expand_as(x), None)
+    z, s = z.double(), s.double()
+    log_p = torch.log_softmax(z, -1)
+    log_q = torch.log_softmax(z + F.logsigmoid(s), -1)
+    ce = -log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1)
+    expected = float((ce * mask).sum() / mask.sum())
+    kl_by_domain = {}
+    for d, (name, lam) in enumerate((("wiki", 2.0), ("chat", 8.0))):
+        rows = dom == d
+        kl_by_domain[name] = float((kl[rows] * mask[rows]).sum() / mask[rows].sum())
+        expected += lam * kl_by_domain[name]
+    trainer.fit(model)
+    return {"history": model.acft_history, "expected": expected, "kl_by_domain": kl_by_domain,
+            "domains": dom.tolist()}
+
+
+def test_per_domain_lambdas_on_domain_tagged_data(tmp_path):
+    """The step-1 loss on domain-tagged JSONL equals LM + Σ_d λ_d · mean KL of domain d, written
+    out in float64 from the model's raw logits (λ_wiki = 2, λ_chat = 8); per-domain KL logged."""
+    (one,) = run_workers(_domain_worker, 1, _write_domain_jsonl(tmp_path / "train.jsonl"))
+    assert one["domains"] == [0, 1, 0, 1]
+    (h,) = one["history"]
+    assert h["loss"] == pytest.approx(one["expected"], rel=1e-5)
+    for name in ("wiki", "chat"):
+        assert h[f"kl/{name}"] == pytest.approx(one["kl_by_domain"][name], rel=1e-4)
+    # one λ for both domains would give a different loss: the weights matter
+    assert abs(h["penalty"] - 2.0 * h["kl"]) > 1e-3
+
+
+def test_domain_config_and_data_errors(tmp_path):
+    from nemo_acft.nemo.model import DomainTextDataset, validate_config
+
+    with pytest.raises(ValueError, match=r"domain_lambdas\.chat: not a domain"):
+        validate_config(tiny_cfg(domain_lambdas={"chat": 1.0}), 1)
+    with pytest.raises(ValueError, match=r"acft\.data\.train_path='nope.jsonl'"):
+        validate_config(tiny_cfg(data={"train_path": "nope.jsonl"}), 1)
+    with pytest.raises(ValueError, match=r"acft\.data\.shuffle: unknown key"):
+        validate_config(tiny_cfg(data={"shuffle": True}), 1)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine", "domain": "wiki"}\n{"text": "x", "domain": "news"}\n')
+
+    class Bytes:
+        eos_id = 0
+
+        @staticmethod
+        def text_to_ids(text):
+            return list(text.encode())
+
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: domain='news' is not one of"):
+        DomainTextDataset(str(bad), Bytes(), 8, ["wiki", "chat"])
