@@ -453,3 +453,59 @@ def test_domain_config_and_data_errors(tmp_path):
 
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: domain='news' is not one of"):
         DomainTextDataset(str(bad), Bytes(), 8, ["wiki", "chat"])
+
+
+def _native_export_worker(rank, world_size, tmp):
+    from lightning.pytorch import Trainer
+    from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import MegatronGPTModel
+    from nemo.collections.nlp.parts.nlp_overrides import NLPDDPStrategy
+
+    from nemo_acft.data import ByteTokenizer
+    from nemo_acft.models import GPTConfig, NADOHeadConfig, build_gpt_nado, init_distributed
+    from nemo_acft.nemo.export import export_native
+
+    init_distributed(tp=1, pp=1, seed=0)
+    tok = ByteTokenizer()
+    gcfg = GPTConfig(vocab_size=len(tok), seq_length=32, num_layers=2, hidden_size=64,
+                     num_attention_heads=4, make_vocab_size_divisible_by=64,
+                     nado=NADOHeadConfig(num_layers=1))
+    torch.manual_seed(5)
+    native = build_gpt_nado(gcfg)
+    with torch.no_grad():  # non-trivial weights everywhere, norms included
+        for p in native.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = export_native(native.base_state_dict(), gcfg, f"{tmp}/native.nemo", tok)
+    ids = torch.tensor([tok.encode("the weather is nice today, isn't it")])
+    pos = torch.arange(ids.shape[1]).unsqueeze(0)
+    with torch.no_grad():
+        z_native = native(ids, pos, None)[0]
+    trainer = Trainer(accelerator="cpu", devices=1, strategy=NLPDDPStrategy(), logger=False,
+                      enable_checkpointing=False, use_distributed_sampler=False)
+    stock = MegatronGPTModel.restore_from(str(path), trainer=trainer)
+    stock.eval()
+    with torch.no_grad():
+        z_stock = stock.model(ids, pos, None)
+    text = stock.tokenizer.ids_to_text(tok.encode("naïve café"))
+    return {"native": z_native, "stock": z_stock, "type": type(stock).__name__,
+            "text": text, "files": sorted(os.listdir(tmp))}
+
+
+def test_native_model_exports_to_a_stock_nemo(tmp_path):
+    """The native loop's trunk (byte-level tokenizer) → a .nemo that stock MegatronGPTModel
+    restores with identical logits and whose byte-level tokenizer decodes our ids."""
+    (one,) = run_workers(_native_export_worker, 1, str(tmp_path))
+    assert one["type"] == "MegatronGPTModel"
+    z_native, z_stock = one["native"], one["stock"]
+    assert z_stock.shape[-1] >= 256
+    torch.testing.assert_close(z_stock[..., :z_native.shape[-1]], z_native, rtol=1e-5, atol=1e-5)
+    assert one["text"] == "naïve café"
+    assert one["files"] == ["native.nemo"]  # no temporary left behind
+
+
+def test_word_tokenizer_refuses_nemo_export():
+    from nemo_acft.data import WordTokenizer
+    from nemo_acft.models import GPTConfig
+    from nemo_acft.nemo.export import export_native
+
+    with pytest.raises(ValueError, match="needs data.tokenizer=byte"):
+        export_native({}, GPTConfig(vocab_size=8), "x.nemo", WordTokenizer.build(["a b"]))

@@ -75,3 +75,57 @@ class WordTokenizer:
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"tokenizer file {p}: expected JSON with a 'vocab' list ({e})") from e
         return cls(vocab)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes, with the ids of NeMo's ``byte-level`` tokenizer (``ByteLevelTokenizer``:
+    EOS 0, pad 1, a vocabulary of 512), so that a model trained with it exports to a ``.nemo``
+    whose tokenizer is self-contained (``tokenizer.library: byte-level``)."""
+
+    eos_id, pad_id = 0, 1
+    unk_id = 0x3F  # "?": never produced by encode (every byte has an id)
+    vocab_size = 512
+    vocab = ["<byte-level-512>"]  # the cache key of a pre-trained model
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str) -> List[int]:  # noqa: D102
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Bytes up to the first EOS, pads and ids above 255 dropped, invalid UTF-8 ignored."""
+        out = bytearray()
+        for i in ids:
+            i = int(i)
+            if i == self.eos_id:
+                break
+            if i == self.pad_id or not 0 <= i < 256:
+                continue
+            out.append(i)
+        return out.decode("utf-8", errors="ignore")
+
+    def save(self, path: str) -> None:  # noqa: D102
+        with atomic_write(path) as fh:
+            json.dump({"type": "byte-level", "vocab_size": self.vocab_size}, fh)
+
+
+def build_tokenizer(kind: str, texts: Iterable[str]):
+    """``word`` (a vocabulary built from ``texts``) or ``byte`` (NeMo's byte-level ids)."""
+    if kind == "word":
+        return WordTokenizer.build(texts)
+    if kind == "byte":
+        return ByteTokenizer()
+    raise ValueError(f"data.tokenizer={kind!r}: expected 'word' or 'byte'")
+
+
+def load_tokenizer(path: str):
+    """A tokenizer saved by ``save`` (word or byte-level)."""
+    p = Path(path)
+    if p.is_file():
+        try:
+            if json.loads(p.read_text()).get("type") == "byte-level":
+                return ByteTokenizer()
+        except (json.JSONDecodeError, AttributeError):
+            pass
+    return WordTokenizer.load(path)

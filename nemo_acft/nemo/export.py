@@ -54,6 +54,58 @@ def export_plain_gpt(model, path, trainer=None) -> Path:
     return _atomic_save_to(plain, path)
 
 
+def nemo_config_for(gcfg, seed: int = 1234):
+    """A ``MegatronGPTModel`` config for the native model of ``gcfg`` (``GPTConfig``), byte-level
+    tokenizer, one process: the same megatron-core GPT as ``build_gpt_nado`` builds."""
+    from omegaconf import OmegaConf
+
+    if gcfg.normalization != "LayerNorm":
+        raise ValueError(f"model.normalization={gcfg.normalization!r}: the .nemo export maps "
+                         "LayerNorm only")
+    return OmegaConf.create({
+        "mcore_gpt": True, "micro_batch_size": 1, "global_batch_size": 1,
+        "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
+        "encoder_seq_length": gcfg.seq_length, "max_position_embeddings": gcfg.seq_length,
+        "num_layers": gcfg.num_layers, "hidden_size": gcfg.hidden_size,
+        "ffn_hidden_size": gcfg.ffn_hidden_size or 4 * gcfg.hidden_size,
+        "num_attention_heads": gcfg.num_attention_heads, "init_method_std": gcfg.init_method_std,
+        "hidden_dropout": gcfg.hidden_dropout, "attention_dropout": gcfg.attention_dropout,
+        "make_vocab_size_divisible_by": gcfg.make_vocab_size_divisible_by,
+        "override_vocab_size": gcfg.vocab_size,
+        "position_embedding_type": gcfg.position_embedding_type,
+        "share_embeddings_and_output_weights": gcfg.share_embeddings_and_output_weights,
+        "normalization": "layernorm", "bias": True, "precision": 32, "seed": seed,
+        "transformer_engine": False, "use_cpu_initialization": True,
+        "masked_softmax_fusion": False, "bias_activation_fusion": False,
+        "bias_dropout_add_fusion": False, "apply_rope_fusion": False,
+        "gradient_accumulation_fusion": False, "gradient_as_bucket_view": False,
+        "tokenizer": {"library": "byte-level", "type": None, "model": None, "vocab_file": None,
+                      "merge_file": None},
+        "data": {"data_impl": "mock", "data_prefix": [], "seq_length": gcfg.seq_length,
+                 "num_workers": 0},
+        "optim": {"name": "adamw", "lr": 1e-4},
+        "target": PLAIN_TARGET,
+    })
+
+
+def export_native(trunk_state, gcfg, path, tokenizer, seed: int = 1234) -> Path:
+    """The native loop's trunk (``GPTNADOModel.base_state_dict()`` or a plain ``GPTModel``
+    state dict) as a stock ``MegatronGPTModel`` ``.nemo``. Needs the byte-level tokenizer (whose
+    ids NeMo's ``byte-level`` tokenizer shares) and a model-parallel world of one process."""
+    from lightning.pytorch import Trainer
+    from nemo.collections.nlp.parts.nlp_overrides import NLPDDPStrategy
+
+    if getattr(tokenizer, "vocab", None) != ["<byte-level-512>"]:
+        raise ValueError("exporting to .nemo needs data.tokenizer=byte (NeMo's byte-level ids); "
+                         "the word tokenizer has no NeMo equivalent")
+    trainer = Trainer(accelerator="cpu", devices=1, strategy=NLPDDPStrategy(), logger=False,
+                      enable_checkpointing=False, use_distributed_sampler=False)
+    model = MegatronGPTModel(nemo_config_for(gcfg, seed), trainer)
+    state = {k: v for k, v in trunk_state.items() if not k.startswith("nado_head.")}
+    model.model.load_state_dict(state, strict=True)
+    return _atomic_save_to(model, path)
+
+
 def main(argv=None) -> None:
     """``acft-export``: turn an ACFT ``.nemo`` (with the head) into the plain GPT ``.nemo`` to
     serve, or re-write it with the head. Launch with torchrun for TP·PP > 1."""

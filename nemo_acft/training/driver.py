@@ -19,7 +19,8 @@ from nemo_acft.training.setup import (build_model, ensure_pretrained, init_proce
 log = logging.getLogger("nemo_acft")
 
 #: config keys that may change between a run and its resumption
-_VOLATILE = ("role", "progress", "acft.exchange_timeout_s")
+_VOLATILE = ("role", "progress", "acft.exchange_timeout_s", "acft.handshake_timeout_s",
+             "acft.heartbeat_s", "acft.heartbeat_timeout_s")
 
 
 def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -115,11 +116,22 @@ def plot_iterations(path: Path, baseline: List[Dict], acft: List[Dict], schedule
     tmp.replace(path)
 
 
-def run_all(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """The whole run; returns the summary (also written to ``run_dir/summary.json``)."""
-    from nemo_acft.oracles import build_oracle
+def _phase(run_dir: Path, name: str, seconds: float) -> Dict[str, float]:
+    """Record a phase's wall time in ``run_dir/phases.json`` (phases may run in different
+    processes: the roles of a Slurm job); returns all recorded phases."""
+    path = run_dir / "phases.json"
+    phases = json.loads(path.read_text()) if path.is_file() else {}
+    phases[name] = seconds
+    with atomic_write(path) as fh:
+        json.dump(phases, fh, indent=1)
+    return phases
 
-    t_start = time.perf_counter()
+
+def _start(cfg: Dict[str, Any], log_name: str):
+    """Checks, the config written (or compared with the run's), the process set up."""
+    from nemo_acft.oracles import build_oracle
+    from nemo_acft.training.run import install_stop_handlers
+
     validate(cfg)
     oracle = build_oracle(cfg["oracle"])  # bad oracle settings fail before any training
     side = Side(cfg, "driver")  # reads and checks the data files
@@ -128,45 +140,79 @@ def run_all(cfg: Dict[str, Any]) -> Dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = write_config(cfg, run_dir)  # only a config that passed every check
     init_process(cfg)
-    log_to_file(run_dir / "logs" / "driver.log")
-    times: Dict[str, float] = {}
+    install_stop_handlers()
+    log_to_file(run_dir / "logs" / f"{log_name}.log")
+    return side, oracle, run_dir, config_path
+
+
+def prepare(cfg: Dict[str, Any], side: Side, run_dir: Path) -> Path:
+    """Pre-train (or reuse) the tiny GPT, then the baseline fine-tune; returns the pre-trained
+    model's directory."""
     log.info("run_dir %s, schedule %s, K=%d iterations of %d LM steps; vocabulary %d, "
              "%d fine-tune records, %d held-out prompts", run_dir, cfg["schedule"], side.K,
              side.S, len(side.data.tokenizer), len(side.data.train), len(side.data.eval_prompts))
-
     t = time.perf_counter()
     pretrained = ensure_pretrained(cfg, side.data, side.gcfg, cfg["progress"])
-    times["pretrain_s"] = time.perf_counter() - t
-
+    _phase(run_dir, "pretrain_s", time.perf_counter() - t)
     t = time.perf_counter()
     baseline_store = ArtifactStore(run_dir / "baseline")
     bside = Side(cfg, "baseline", data=side.data)
     with side_lock(baseline_store, "baseline"):
         run_lm_side(bside, "sequential", pretrained, mode="baseline", store=baseline_store)
     bside.close()
-    times["baseline_s"] = time.perf_counter() - t
+    _phase(run_dir, "baseline_s", time.perf_counter() - t)
+    return pretrained
 
-    t = time.perf_counter()
-    if cfg["schedule"] == "sequential":
-        with side_lock(side.exchange, "lm"), side_lock(side.exchange, "oracle"):
-            run_sequential(Side(cfg, "acft", data=side.data), pretrained, oracle)
-    else:
-        run_parallel(side, config_path)
-    times["acft_s"] = time.perf_counter() - t
 
+def export_nemo(cfg: Dict[str, Any], side: Side, run_dir: Path) -> Path | None:
+    """θ_K as a stock ``MegatronGPTModel`` ``.nemo`` (``run_dir/export/acft_gpt.nemo``) when
+    ``export.nemo`` asks for it (auto: byte-level tokenizer and NeMo installed)."""
+    want = cfg["export"]["nemo"]
+    if want is False:
+        return None
+    if want == "auto":
+        if cfg["data"]["tokenizer"] != "byte":
+            log.info("no .nemo export: data.tokenizer=word has no NeMo equivalent (use "
+                     "data.tokenizer=byte)")
+            return None
+        try:
+            import nemo.collections.nlp  # noqa: F401
+        except ImportError:
+            log.info("no .nemo export: nemo-toolkit is not installed (pip install .[nemo])")
+            return None
+    from nemo_acft.nemo.export import export_native
+
+    out = run_dir / "export" / "acft_gpt.nemo"
+    if out.is_file():
+        return out
+    state = side.exchange.load("lm", side.K, "model.pt")
+    export_native(state, side.gcfg, out, side.data.tokenizer, seed=cfg["seed"])
+    log.info("wrote %s (stock MegatronGPTModel, byte-level tokenizer)", out)
+    return out
+
+
+def finish(cfg: Dict[str, Any], side: Side, oracle, run_dir: Path) -> Dict[str, Any]:
+    """Evaluate every θ_k of the baseline and of ACFT, write ``summary.json``, the plot and the
+    ``.nemo``. Needs both to be complete (a clear error names what is missing)."""
+    baseline_store = ArtifactStore(run_dir / "baseline")
+    for store, what in ((baseline_store, "the baseline (role=prepare)"),
+                        (side.exchange, "ACFT (roles lm and oracle)")):
+        if not store.exists("lm", side.K):
+            raise RuntimeError(f"{what} has not finished: {store.path('lm', side.K)} is missing")
     t = time.perf_counter()
     base_rows = evaluate_iterations(side, baseline_store, "baseline", oracle)
     acft_rows = evaluate_iterations(side, side.exchange, "acft", oracle)
-    times["eval_s"] = time.perf_counter() - t
+    times = _phase(run_dir, "eval_s", time.perf_counter() - t)
 
     _print_table(base_rows, acft_rows)
     plot_iterations(run_dir / "iterations.png", base_rows, acft_rows, cfg["schedule"])
+    nemo_path = export_nemo(cfg, side, run_dir)
     pick = lambda r: {"violation_rate": r["violation_rate"], "ppl": r["ppl"]}  # noqa: E731
     summary = {
         "baseline": pick(base_rows[-1]),
         "acft": pick(acft_rows[-1]),
         "schedule": cfg["schedule"],
-        "wall_s": time.perf_counter() - t_start,
+        "wall_s": sum(times.values()),
         "phases_s": times,
         "iterations": {"baseline": [pick(r) for r in base_rows],
                        "acft": [pick(r) for r in acft_rows]},
@@ -174,16 +220,44 @@ def run_all(cfg: Dict[str, Any]) -> Dict[str, Any]:
                                             base_rows[-1]["violation_rate"]),
                    "ppl": _ratio(acft_rows[-1]["ppl"], base_rows[-1]["ppl"])},
         "examples": {"baseline": base_rows[-1]["examples"], "acft": acft_rows[-1]["examples"]},
+        "nemo": str(nemo_path) if nemo_path else None,
     }
     with atomic_write(run_dir / "summary.json") as fh:
         json.dump(summary, fh, indent=1)
-    side.close()
     log.info("summary: violation rate %.3f -> %.3f (x%.2f), perplexity %.3f -> %.3f (x%.3f); "
              "%.0f s; %s", summary["baseline"]["violation_rate"],
              summary["acft"]["violation_rate"], summary["ratios"]["violation_rate"],
              summary["baseline"]["ppl"], summary["acft"]["ppl"], summary["ratios"]["ppl"],
              summary["wall_s"], run_dir / "summary.json")
     return summary
+
+
+def run_all(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The whole run; returns the summary (also written to ``run_dir/summary.json``)."""
+    side, oracle, run_dir, config_path = _start(cfg, "driver")
+    (run_dir / "phases.json").unlink(missing_ok=True)  # this process times every phase
+    pretrained = prepare(cfg, side, run_dir)
+    t = time.perf_counter()
+    if cfg["schedule"] == "sequential":
+        with side_lock(side.exchange, "lm"), side_lock(side.exchange, "oracle"):
+            run_sequential(Side(cfg, "acft", data=side.data), pretrained, oracle)
+    else:
+        run_parallel(side, config_path)
+    _phase(run_dir, "acft_s", time.perf_counter() - t)
+    summary = finish(cfg, side, oracle, run_dir)
+    side.close()
+    return summary
+
+
+def run_role(cfg: Dict[str, Any]) -> None:
+    """``role=prepare`` or ``role=finish``: one phase of the run (for a Slurm job whose roles
+    run as separate steps)."""
+    side, oracle, run_dir, _ = _start(cfg, cfg["role"])
+    if cfg["role"] == "prepare":
+        prepare(cfg, side, run_dir)
+    else:
+        finish(cfg, side, oracle, run_dir)
+    side.close()
 
 
 def _ratio(a: float, b: float) -> float:
@@ -198,4 +272,4 @@ def _print_table(base: List[Dict], acft: List[Dict]) -> None:
                  a["violation_rate"], b["ppl"], a["ppl"])
 
 
-__all__ = ["run_all", "write_config", "evaluate_iterations", "plot_iterations"]
+__all__ = ["run_all", "run_role", "prepare", "finish", "export_nemo", "write_config", "evaluate_iterations", "plot_iterations"]

@@ -91,21 +91,151 @@ def _status_path(store: ArtifactStore, side: str) -> Path:
 
 
 def write_status(store: ArtifactStore, side: str, state: str, **extra) -> None:
-    """``exchange/status/<side>.json``: running | done | failed (atomically replaced)."""
+    """``exchange/status/<side>.json``: running | done | failed | stopped (atomically
+    replaced)."""
     with atomic_write(_status_path(store, side)) as fh:
         json.dump({"state": state, "host": socket.gethostname(), "pid": os.getpid(),
                    "time": time.time(), **extra}, fh)
 
 
-def other_alive(store: ArtifactStore, other: str):
-    """A predicate for ``wait_for``: False once the other side has reported a failure."""
-    def alive() -> bool:
-        p = _status_path(store, other)
-        try:
-            return json.loads(p.read_text()).get("state") != "failed"
-        except (OSError, ValueError):
+def read_status(store: ArtifactStore, side: str) -> Optional[Dict[str, Any]]:
+    """The side's status, or None when it has none (yet) or it is being replaced."""
+    try:
+        return json.loads(_status_path(store, side).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class Heartbeat:
+    """Keeps ``status/<side>.json`` at ``running`` with a counter ``beat`` that a live side
+    advances every ``every_s`` seconds (a thread), so the other side can tell a live process
+    from a dead one's last word (kill -9, a lost node, ``scancel``) without comparing clocks
+    across hosts. ``finish(state)`` stops the thread and writes the final state."""
+
+    def __init__(self, store: ArtifactStore, side: str, every_s: float = 2.0, **extra):
+        import threading
+
+        self.store, self.side, self.every_s, self.extra = store, side, every_s, extra
+        self.beat = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._write("running")
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{side}", daemon=True)
+        self._thread.start()
+
+    def _write(self, state: str, **extra) -> None:
+        self.beat += 1
+        write_status(self.store, self.side, state, beat=self.beat, **self.extra, **extra)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                try:
+                    self._write("running")
+                except OSError as e:  # a full or lost file system: the other side will notice
+                    log.warning("[%s] heartbeat not written: %s", self.side, e)
+
+    def finish(self, state: str, **extra) -> None:
+        with self._lock:
+            self._stop.set()
+            self._write(state, **extra)
+        self._thread.join(timeout=5)
+
+
+class Liveness:
+    """Whether the other side is alive, from its status file: dead once it reports failed or
+    stopped, or when its heartbeat has not advanced for ``stale_s`` seconds of this host's
+    clock. ``reason`` says why."""
+
+    def __init__(self, store: ArtifactStore, other: str, stale_s: float):
+        self.store, self.other, self.stale_s = store, other, stale_s
+        self._beat, self._seen = None, time.monotonic()
+        self.reason = ""
+
+    def __call__(self) -> bool:
+        if stop_requested() is not None:
+            raise StopRequested(f"signal {stop_requested()} while waiting for the {self.other} "
+                                "side")
+        st = read_status(self.store, self.other)
+        now = time.monotonic()
+        if st is None:
+            return True  # not started yet, or being replaced: the timeouts cover it
+        if st.get("state") in ("failed", "stopped"):
+            self.reason = (f"the {self.other} side reported {st['state']!r} on host "
+                           f"{st.get('host')}: {st.get('error', 'no error message')}")
+            return False
+        if st.get("state") == "done":
             return True
-    return alive
+        if st.get("beat") != self._beat:
+            self._beat, self._seen = st.get("beat"), now
+        elif now - self._seen > self.stale_s:
+            self.reason = (f"the {self.other} side's heartbeat ({_status_path(self.store, self.other)}, "
+                           f"host {st.get('host')}, pid {st.get('pid')}) has not advanced for "
+                           f"{now - self._seen:.0f} s: the process is gone (killed, cancelled or "
+                           "its node lost)")
+            return False
+        return True
+
+
+def other_alive(store: ArtifactStore, other: str, stale_s: float = 60.0) -> Liveness:
+    """A predicate for ``wait_for``: False once the other side has failed or gone silent."""
+    return Liveness(store, other, stale_s)
+
+
+def handshake(store: ArtifactStore, side: str, other: str, timeout_s: float,
+              poll_s: float = 0.2) -> None:
+    """Wait until the other side shows it is alive in the same exchange directory: its status
+    is ``done``, or ``running`` with a heartbeat that advances while we watch (an old status
+    file of an earlier attempt does not count). A RuntimeError after ``timeout_s`` names the
+    directory as this host sees it and what to check."""
+    first = read_status(store, other)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        st = read_status(store, other)
+        if st is not None and (st.get("state") == "done" or (
+                st.get("state") == "running" and (first is None or st.get("beat") != first.get("beat")
+                                                  or st.get("pid") != first.get("pid")))):
+            log.info("[%s] handshake: the %s side is up on host %s (pid %s)", side, other,
+                     st.get("host"), st.get("pid"))
+            return
+        if time.monotonic() > deadline:
+            seen = ("no status file" if st is None else
+                    f"a {st.get('state')!r} status that did not advance (host {st.get('host')}, "
+                    f"pid {st.get('pid')})")
+            raise RuntimeError(
+                f"[{side}] the {other} side did not report in {store.root.resolve()} within "
+                f"{timeout_s:.0f} s (found {seen}). Check that both groups see this directory on "
+                f"a shared file system (this side is on host {socket.gethostname()}), and the "
+                f"{other} side's log ({store.root.parent / 'logs' / (other + '.log')}).")
+        time.sleep(poll_s)
+
+
+class StopRequested(BaseException):
+    """SIGTERM or SIGUSR1 (Slurm's time-limit warning, scancel): save and exit at the next
+    step boundary."""
+
+
+_STOP = {"signal": None}
+
+
+def stop_requested() -> Optional[int]:
+    """The signal number that asked this process to stop, or None."""
+    return _STOP["signal"]
+
+
+def install_stop_handlers() -> None:
+    """SIGTERM and SIGUSR1 set a flag that the blocks check at each step (an LM block writes a
+    checkpoint first); a second signal stops at once."""
+    def handler(signum, frame):
+        if _STOP["signal"] is not None:
+            raise StopRequested(f"signal {signum} (second)")
+        _STOP["signal"] = signum
+        log.warning("signal %d: stopping at the next step boundary", signum)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, handler)
 
 
 @contextmanager
@@ -181,11 +311,15 @@ def lm_iteration(side: Side, store: ArtifactStore, k: int, mode: str, model,
         for key, v in m.items():
             side.tb.add_scalar(f"{mode}/{key}", v, step + 1)
         done = step + 1
-        if save_every and done % save_every == 0 and done < end:
+        stop = stop_requested() is not None and done < end
+        if (save_every and done % save_every == 0 and done < end) or stop:
             ckpts.publish("lm", done, {"model.pt": _trunk_state(model, mode),
                                        "optimizer.pt": optimizer.state_dict()},
                           {"block": k, "global_step": done, "nado_iteration": nado_iteration})
             ckpts.prune("lm", keep=2)
+        if stop:
+            raise StopRequested(f"signal {stop_requested()}: checkpoint at step {done} in "
+                                f"{ckpts.path('lm', done)}")
 
     t0 = time.perf_counter()
     metrics = lm_block(model, optimizer, side.data.train, start=start, end=end, total=total,
@@ -249,6 +383,9 @@ def oracle_iteration(side: Side, k: int, model, oracle) -> Dict[str, float]:
         bar.update(1)
         for key, v in m.items():
             side.tb.add_scalar(f"nado/{key}", v, step0 + step + 1)
+        if stop_requested() is not None:
+            raise StopRequested(f"signal {stop_requested()}: oracle block {k} is redone on "
+                                "resume")
 
     metrics = train_nado(model, labelled.samples, labelled.label_tensor(), steps=n["steps"],
                          batch_size=n["batch_size"], optim=OptimConfig(**n["optim"]),
@@ -295,6 +432,15 @@ def _log_block(side: Side, what: str, k: int, m: Dict[str, float], t0: float, do
              rate, rate * (todo - done))
 
 
+def _wait(store: ArtifactStore, kind: str, k: int, timeout: float, who: str,
+          alive: Liveness):
+    """``store.wait_for`` that says why the other side is considered dead."""
+    try:
+        return store.wait_for(kind, k, timeout, waiting_for=who, alive=alive)
+    except RuntimeError as e:
+        raise RuntimeError(f"{e}: {alive.reason}") from None
+
+
 def run_lm_side(side: Side, schedule: str, pretrained: Path, mode: str = "acft",
                 store: Optional[ArtifactStore] = None) -> None:
     """All LM blocks of ``mode`` (acft: waits for the oracle side's φ in the exchange)."""
@@ -308,8 +454,8 @@ def run_lm_side(side: Side, schedule: str, pretrained: Path, mode: str = "acft",
         j = None
         if mode == "acft":
             j = _nado_for(schedule, k)
-            store.wait_for("nado", j, timeout, waiting_for="the oracle side",
-                           alive=other_alive(store, "oracle"))
+            _wait(store, "nado", j, timeout, "the oracle side",
+                  other_alive(store, "oracle", side.cfg["acft"]["heartbeat_timeout_s"]))
         m = lm_iteration(side, store, k, mode, model, j)
         _log_block(side, f"{mode} LM block", k, m, t0, done, len(todo))
 
@@ -322,8 +468,8 @@ def run_oracle_side(side: Side, oracle) -> None:
     todo = [k for k in range(1, side.K + 1) if not side.exchange.exists("nado", k)]
     t0 = time.perf_counter()
     for done, k in enumerate(todo, 1):
-        side.exchange.wait_for("lm", k - 1, timeout, waiting_for="the LM side",
-                               alive=other_alive(side.exchange, "lm"))
+        _wait(side.exchange, "lm", k - 1, timeout, "the LM side",
+              other_alive(side.exchange, "lm", side.cfg["acft"]["heartbeat_timeout_s"]))
         m = oracle_iteration(side, k, model, oracle)
         _log_block(side, "oracle block", k, m, t0, done, len(todo))
 
@@ -345,28 +491,49 @@ def run_sequential(side: Side, pretrained: Path, oracle) -> None:
 
 
 def run_side(cfg: Dict[str, Any], role: str) -> None:
-    """One side of the parallel schedule in this process (``role`` = lm | oracle)."""
+    """One side of the parallel schedule in this process (``role`` = lm | oracle): a heartbeat
+    in ``exchange/status``, a handshake with the other side, then the side's blocks. SIGTERM or
+    SIGUSR1 stops it at the next step (an LM block checkpoints first): status ``stopped``, exit
+    code 143, and a rerun resumes. Any failure: status ``failed`` with the error, which the other
+    side reads and fails on."""
     from nemo_acft.oracles import build_oracle
 
     validate(cfg)
     init_process(cfg)
+    install_stop_handlers()
     side = Side(cfg, role)
     log_to_file(side.run_dir / "logs" / f"{role}.log")
     oracle = build_oracle(cfg["oracle"]) if role == "oracle" else None
-    with side_lock(side.exchange, role):
-        write_status(side.exchange, role, "running")
-        try:
-            if role == "lm":
-                pretrained = ensure_pretrained(cfg, side.data, side.gcfg, cfg["progress"])
-                run_lm_side(side, "parallel", pretrained)
-            else:
-                run_oracle_side(side, oracle)
-        except BaseException as e:
-            write_status(side.exchange, role, "failed", error=f"{type(e).__name__}: {e}")
-            raise
-        finally:
-            side.close()
-        write_status(side.exchange, role, "done")
+    other = "oracle" if role == "lm" else "lm"
+    a = cfg["acft"]
+    try:
+        lock = side_lock(side.exchange, role)
+        lock.__enter__()
+    except OSError as e:
+        raise RuntimeError(f"[{role}] cannot write to the exchange directory "
+                           f"{side.exchange.root.resolve()} on host {socket.gethostname()}: {e}") from e
+    beat = Heartbeat(side.exchange, role, every_s=a["heartbeat_s"],
+                     slurm_job=os.environ.get("SLURM_JOB_ID"),
+                     slurm_node=os.environ.get("SLURMD_NODENAME"))
+    try:
+        handshake(side.exchange, role, other, a["handshake_timeout_s"])
+        if role == "lm":
+            pretrained = ensure_pretrained(cfg, side.data, side.gcfg, cfg["progress"])
+            run_lm_side(side, "parallel", pretrained)
+        else:
+            run_oracle_side(side, oracle)
+    except StopRequested as e:
+        beat.finish("stopped", error=str(e))
+        log.warning("[%s] stopped: %s", role, e)
+        raise SystemExit(143) from None
+    except BaseException as e:
+        beat.finish("failed", error=f"{type(e).__name__}: {e}")
+        log.error("[%s] failed: %s: %s", role, type(e).__name__, e)
+        raise
+    finally:
+        side.close()
+        lock.__exit__(None, None, None)
+    beat.finish("done")
 
 
 def _pdeathsig():  # the side processes die with the driver (Linux)

@@ -15,7 +15,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from nemo_acft.data import (LMDataset, WordTokenizer, domains, encode_records, generate_corpus,
+from nemo_acft.data import (LMDataset, WordTokenizer, build_tokenizer, domains, encode_records, generate_corpus,
                             make_prompts, read_prompts, read_records)
 from nemo_acft.models.config import GPTConfig, NADOHeadConfig
 from nemo_acft.sampling import SamplingParams
@@ -24,7 +24,7 @@ from nemo_acft.training.blocks import OptimConfig, RegularizerConfig
 log = logging.getLogger("nemo_acft")
 
 SCHEDULES = ("sequential", "parallel")
-ROLES = ("all", "lm", "oracle")
+ROLES = ("all", "prepare", "lm", "oracle", "finish")
 
 
 def _get(cfg: Dict[str, Any], dotted: str):
@@ -49,6 +49,15 @@ def validate(cfg: Dict[str, Any]) -> None:
     need("schedule", lambda v: v in SCHEDULES, f"one of {SCHEDULES}")
     need("role", lambda v: v in ROLES, f"one of {ROLES}")
     need("data.source", lambda v: v in ("builtin", "files"), "'builtin' or 'files'")
+    need("data.tokenizer", lambda v: v in ("word", "byte"), "'word' or 'byte'")
+    need("export.nemo", lambda v: v in ("auto", True, False), "auto, true or false")
+    if cfg["export"]["nemo"] is True and cfg["data"]["tokenizer"] != "byte":
+        raise ValueError("config export.nemo=true needs data.tokenizer=byte (NeMo's byte-level "
+                         "ids); the word tokenizer has no NeMo equivalent")
+    for key in ("acft.handshake_timeout_s", "acft.heartbeat_s", "acft.heartbeat_timeout_s"):
+        need(key, lambda v: isinstance(v, (int, float)) and v > 0, "a number > 0")
+    if cfg["acft"]["heartbeat_timeout_s"] < 3 * cfg["acft"]["heartbeat_s"]:
+        raise ValueError("config acft.heartbeat_timeout_s: expected at least 3 x acft.heartbeat_s")
     if cfg["data"]["source"] == "files":
         for key in ("train_file", "heldout_file"):
             need(f"data.{key}", lambda v: bool(v) and Path(v).is_file(), "an existing file")
@@ -128,7 +137,7 @@ def build_data(cfg: Dict[str, Any]) -> RunData:
                         n_bad + n_bad_pre + n_bad_held, n_bad, n_bad_pre, n_bad_held)
         names = sorted({r["domain"] for r in pre + train + ppl_records})
         prompt_source = [r["text"] for r in ppl_records]
-    tokenizer = WordTokenizer.build([r["text"] for r in pre + train])
+    tokenizer = build_tokenizer(d.get("tokenizer", "word"), [r["text"] for r in pre + train])
     seq = cfg["model"]["seq_length"]
     lo, hi = d["prompt_words"]
     if d.get("prompts_file"):

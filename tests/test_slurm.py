@@ -1,0 +1,149 @@
+"""The sbatch scripts on a real Slurm (Debian's slurm-wlm 22.05, munge) started on this machine:
+two slurmd nodes, so that the two components of a heterogeneous job land on different nodes.
+
+- acft_hetjob.sbatch: completes; both sides ran in their own component (node n1 / n2), the
+  exchange holds every iteration of both, and a .nemo comes out;
+- acft_single.sbatch: completes with the sequential schedule and a .nemo;
+- scancel of the oracle component mid-run: the LM side fails with the clear error (not a hang),
+  the job exits non-zero, and the LM side's last artifacts load with their checksums intact.
+
+Skipped where Slurm is not installed or the tests do not run as root; CI installs it
+(scripts/setup.sh) and sets ACFT_REQUIRE_SLURM=1, which turns the skip into a failure."""
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.slurm_cluster import LocalSlurm, available
+
+REPO = Path(__file__).resolve().parents[1]
+WHY = available()
+if WHY and os.environ.get("ACFT_REQUIRE_SLURM") == "1":
+    raise RuntimeError(f"ACFT_REQUIRE_SLURM=1 but no local Slurm can start: {WHY}")
+pytestmark = pytest.mark.skipif(WHY is not None, reason=f"no local Slurm: {WHY}")
+
+#: tiny_cpu, smaller: the byte-level tokenizer (so the model exports to .nemo), fewer steps
+SMALL = ["data.tokenizer=byte", "model.seq_length=64", "finetune.steps_per_iteration=20",
+         "finetune.save_every=5", "pretrain.steps=150", "acft.nado.prompts=64",
+         "acft.nado.steps=20", "eval.prompts=32", "eval.samples_per_prompt=1",
+         "eval.ppl_records=100", "sampling.max_new_tokens=16", "eval.max_new_tokens=16",
+         "acft.handshake_timeout_s=120", "acft.heartbeat_s=1", "acft.heartbeat_timeout_s=15"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with LocalSlurm(tmp_path_factory.mktemp("slurm")) as c:
+        yield c
+
+
+def _env(tmp, run_dir):
+    return {"ACFT_RUN_DIR": str(run_dir), "ACFT_PYTHON": sys.executable,
+            "ACFT_CACHE_DIR": str(tmp / "cache"), "OMP_NUM_THREADS": "1"}
+
+
+def _submit(cluster, tmp, name, script, overrides, timeout=900):
+    run_dir = tmp / name
+    out = tmp / f"{name}.out"
+    p = cluster.submit_wait(str(REPO / "slurm" / script), overrides, _env(tmp, run_dir),
+                            sbatch_args=[f"--output={out}"])
+    return p, run_dir, out
+
+
+def _job_id(p):
+    line = p.stdout.readline()
+    m = re.match(r"Submitted batch job (\d+)", line)
+    assert m, line
+    return m[1]
+
+
+def _iterations(run_dir, kind):
+    d = run_dir / "exchange" / kind
+    return sorted(int(x.name.split("_")[1]) for x in d.iterdir()
+                  if x.name.startswith("iter_") and (x / "manifest.json").is_file())
+
+
+def _status(run_dir, side):
+    return json.loads((run_dir / "exchange" / "status" / f"{side}.json").read_text())
+
+
+def test_hetjob_runs_the_parallel_schedule_in_two_components(cluster, tmp_path):
+    t0 = time.monotonic()
+    p, run_dir, out = _submit(cluster, tmp_path, "het", "acft_hetjob.sbatch",
+                              SMALL + ["acft.iterations=2"])
+    _job_id(p)
+    rc = p.wait(900)
+    log = out.read_text() if out.exists() else ""
+    assert rc == 0, log[-3000:] + p.stderr.read()
+    print(f"hetjob: {time.monotonic() - t0:.0f} s")
+    assert _iterations(run_dir, "lm") == [0, 1, 2]
+    assert _iterations(run_dir, "nado") == [0, 1, 2]
+    lm, oracle = _status(run_dir, "lm"), _status(run_dir, "oracle")
+    assert lm["state"] == oracle["state"] == "done"
+    # each side ran on its own component's node
+    assert {lm["slurm_node"], oracle["slurm_node"]} == {"n1", "n2"}, (lm, oracle)
+    assert lm["pid"] != oracle["pid"]
+    nemo = run_dir / "export" / "acft_gpt.nemo"
+    assert nemo.is_file() and nemo.stat().st_size > 100_000
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["schedule"] == "parallel" and summary["nemo"] == str(nemo)
+    assert "hetjob: run_dir" in log and "LM group: exit code 0" in log
+
+
+def test_single_job_runs_the_sequential_schedule(cluster, tmp_path):
+    p, run_dir, out = _submit(cluster, tmp_path, "single", "acft_single.sbatch",
+                              SMALL + ["acft.iterations=2"])
+    _job_id(p)
+    rc = p.wait(900)
+    assert rc == 0, (out.read_text() if out.exists() else "") + p.stderr.read()
+    assert _iterations(run_dir, "lm") == [0, 1, 2]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["schedule"] == "sequential"
+    assert (run_dir / "export" / "acft_gpt.nemo").is_file()
+
+
+def test_cancelling_the_oracle_component_fails_the_lm_side_cleanly(cluster, tmp_path):
+    from nemo_acft.training.exchange import ArtifactStore
+
+    p, run_dir, out = _submit(cluster, tmp_path, "cancel", "acft_hetjob.sbatch",
+                              SMALL + ["acft.iterations=8"])
+    job = _job_id(p)
+    deadline = time.monotonic() + 600
+    while not (run_dir / "exchange" / "nado" / "iter_000002" / "manifest.json").is_file():
+        assert p.poll() is None, "the job ended before oracle block 2: " + out.read_text()[-3000:]
+        assert time.monotonic() < deadline, "oracle block 2 never appeared"
+        time.sleep(0.5)
+    cluster.run(["scancel", f"{job}+1"])  # the oracle component only
+    t_cancel = time.monotonic()
+    rc = p.wait(300)
+    took = time.monotonic() - t_cancel
+    log = out.read_text()
+    print(f"after scancel: job ended in {took:.0f} s with exit code {rc}")
+    assert rc != 0
+    assert took < 120, "the job should end soon, not wait for the exchange timeout"
+    lm, oracle = _status(run_dir, "lm"), _status(run_dir, "oracle")
+    assert oracle["state"] == "stopped", oracle  # SIGTERM from scancel, handled
+    assert lm["state"] == "failed", lm
+    # the LM side failed within seconds of the oracle side stopping (sbatch --wait itself
+    # polls with a back-off, so `took` is an upper bound)
+    print(f"LM side failed {lm['time'] - oracle['time']:.1f} s after the oracle side stopped")
+    assert lm["time"] - oracle["time"] < 30
+    assert "the oracle side" in lm["error"] and "nado iteration" in lm["error"], lm["error"]
+    assert "the oracle group failed first" in log or "the LM group failed first" in log, log
+    lm_log = (run_dir / "logs" / "lm.log").read_text()
+    assert "the oracle side" in lm_log
+    # the LM side's last artifacts are intact: the newest θ and its newest in-block checkpoint
+    # load with their checksums verified
+    ex = ArtifactStore(run_dir / "exchange")
+    last = ex.iterations("lm")[-1]
+    assert last < 8
+    ex.load("lm", last, "model.pt")
+    ckpts = ArtifactStore(run_dir / "checkpoints" / "acft")
+    for t in ckpts.iterations("lm"):
+        ckpts.load("lm", t, "model.pt")
+        ckpts.load("lm", t, "optimizer.pt")
+    assert not list((run_dir / "exchange" / "lm").glob(".iter_*"))  # no half-written artifact
