@@ -22,3 +22,11 @@ import torch, megatron.core, importlib.metadata as md
 print(f"nemo-acft env: torch {torch.__version__}, megatron-core {md.version('megatron-core')}, "
       f"cuda available: {torch.cuda.is_available()}")
 PY
+# A real Slurm for tests/test_slurm.py (Debian's slurm-wlm and munge, about a minute), when this
+# runs as root on Debian/Ubuntu and it is missing; ACFT_NO_SLURM=1 skips it (the Slurm tests
+# are then skipped).
+if [ "${ACFT_NO_SLURM:-0}" != 1 ] && ! command -v slurmctld >/dev/null 2>&1 \
+    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing slurm-wlm and munge (apt-get) for the Slurm tests"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
+fi

@@ -277,3 +277,71 @@ def test_malformed_data_file_is_named(tmp_path):
     cfg["data"]["skip_malformed"] = True
     data = build_data(cfg)
     assert len(data.train) == 1 and data.domains == ["general", "x"]
+
+
+def test_a_side_alone_fails_the_handshake_with_the_directory_named(tmp_path, cache):
+    """The LM side without an oracle side (a group that cannot see the run directory looks
+    the same): a clear error after acft.handshake_timeout_s, status 'failed'."""
+    run_dir = tmp_path / "alone"
+    t0 = time.monotonic()
+    p = subprocess.run(_cmd(run_dir, cache, "role=lm", "acft.handshake_timeout_s=3",
+                            "acft.heartbeat_s=0.5", "acft.heartbeat_timeout_s=2"),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert time.monotonic() - t0 < 60
+    err = p.stdout + p.stderr
+    assert "the oracle side did not report in" in err, err[-2000:]
+    assert str((run_dir / "exchange").resolve()) in err
+    status = json.loads((run_dir / "exchange" / "status" / "lm.json").read_text())
+    assert status["state"] == "failed" and "did not report" in status["error"]
+
+
+def test_liveness_from_status_and_heartbeat(tmp_path):
+    """Dead on 'failed'/'stopped' at once, or once the beat stops advancing for stale_s; an old
+    status file does not pass the handshake, an advancing one does."""
+    import threading
+
+    from nemo_acft.training.exchange import ArtifactStore
+    from nemo_acft.training.run import Heartbeat, handshake, other_alive, write_status
+
+    store = ArtifactStore(tmp_path / "exchange")
+    alive = other_alive(store, "oracle", stale_s=0.6)
+    assert alive()  # no status yet: the timeouts cover a side that never starts
+    write_status(store, "oracle", "running", beat=1)  # a dead process's last word
+    assert alive()
+    time.sleep(0.8)
+    assert not alive() and "has not advanced" in alive.reason
+    with pytest.raises(RuntimeError, match="did not advance"):
+        handshake(store, "lm", "oracle", timeout_s=0.5)
+    beat = Heartbeat(store, "oracle", every_s=0.1)
+    try:
+        alive = other_alive(store, "oracle", stale_s=0.6)
+        for _ in range(10):
+            assert alive()
+            time.sleep(0.1)
+        handshake(store, "lm", "oracle", timeout_s=5)
+    finally:
+        beat.finish("failed", error="boom")
+    assert not alive() and "reported 'failed'" in alive.reason and "boom" in alive.reason
+    assert threading.active_count() >= 1
+
+
+def test_sigusr1_checkpoints_and_stops_then_resumes(tmp_path, cache):
+    """Slurm's time-limit signal: the LM block writes a checkpoint at the current step, the run
+    exits 143, and the same command then finishes the run."""
+    run_dir = tmp_path / "usr1"
+    # only the signal writes a checkpoint; blocks long enough for the signal to land inside one
+    extra = ("finetune.save_every=0", "finetune.steps_per_iteration=60", "acft.nado.steps=40")
+    cmd = _cmd(run_dir, cache, *extra)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (run_dir / "exchange" / "lm" / "iter_000001" / "manifest.json").is_file():
+        assert p.poll() is None, p.stderr.read()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    p.send_signal(signal.SIGUSR1)  # inside oracle block 2 (or LM block 2)
+    assert p.wait(120) == 143, p.stderr.read()[-2000:]
+    assert "rerun the same command to resume" in p.stderr.read()
+    assert not (run_dir / "exchange" / "lm" / "iter_000002").exists()
+    _run(run_dir, cache, *extra)
+    assert (run_dir / "summary.json").is_file()
