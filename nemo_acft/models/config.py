@@ -19,10 +19,14 @@ class NADOHeadConfig:
         num_layers: transformer layers of the head's own, reading the trunk's final hidden
             states (detached); 0 = only the vocab-parallel output layer.
         fp32: keep the head's parameters and compute in fp32 whatever the trunk dtype.
+        loss_chunk_tokens: the training loss (CE + KL) with labels: tokens per chunk of the
+            fused pass (:func:`nemo_acft.nado.fused.fused_ce_kl`); 0 = the unfused path
+            (``cross_entropy`` and ``closed_form_kl`` under autograd).
     """
 
     num_layers: int = 0
     fp32: bool = False
+    loss_chunk_tokens: int = 1024
 
 
 @dataclass

@@ -26,6 +26,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from nemo_acft.models.config import GPTConfig, NADOHeadConfig
 from nemo_acft.models.parallel import tp_group
 from nemo_acft.nado import closed_form_kl, cross_entropy
+from nemo_acft.nado.fused import fused_ce_kl
 
 NADO_PREFIX = "nado_head."
 
@@ -162,8 +163,13 @@ class GPTNADOModel(GPTModel):
             return lm_logits.transpose(0, 1).contiguous(), nado_logits.transpose(0, 1).contiguous()
         # Not megatron's compute_language_model_loss: its cross-entropy overwrites the logits
         # in place, and the KL reads the same logits.
-        kl, log_z = closed_form_kl(lm_logits, nado_logits, tp_group(), return_log_z=True)
-        lm_loss = cross_entropy(lm_logits, labels.transpose(0, 1), tp_group())
+        chunk = self.nado_config.loss_chunk_tokens
+        if chunk > 0:  # one pass, shared logsumexp, hand-written backward
+            lm_loss, kl, log_z = fused_ce_kl(lm_logits, nado_logits, labels.transpose(0, 1),
+                                             tp_group(), chunk)
+        else:
+            kl, log_z = closed_form_kl(lm_logits, nado_logits, tp_group(), return_log_z=True)
+            lm_loss = cross_entropy(lm_logits, labels.transpose(0, 1), tp_group())
         return TokenLosses(lm_loss.transpose(0, 1), kl.transpose(0, 1), log_z.transpose(0, 1))
 
     # --- checkpoints: trunk and head separately -------------------------------------------

@@ -1,0 +1,215 @@
+"""Tokens per second of our KV-cached sampler, a naive full-recompute loop and megatron-core's
+``StaticInferenceEngine``.
+
+    python benchmarks/sampling.py                         # batch 1..64, 64 new tokens, CPU
+    python benchmarks/sampling.py --batches 16 --json out.json
+
+Both run ``nemo_acft.sampling.generate`` on the same model, prompts and seed: ``use_kv_cache``
+True (a megatron ``StaticInferenceContext``, prefill then one position per step) or False (the
+whole prefix recomputed each step). Both produce the same tokens, and the script checks it.
+Rows alternate between the two and the median of ``--repeats`` is reported. The model is
+``tiny_cpu``'s shape (2 layers, hidden 64, 4 heads; vocabulary 512) with a one-layer NADO head,
+sampled unguided and guided (q ∝ p·R).
+
+megatron-core's own ``StaticInferenceEngine`` (``GPTInferenceWrapper`` +
+``TextGenerationController``, top-p 0.9, the same trunk without the head, unguided only: it has no
+NADO guidance) runs on CPU through ``nemo_acft.cpu_compat``'s ``torch.cuda`` shim. Its
+prompts go through a whitespace tokenizer of ids. Its tokens/s counts the tokens it actually
+generated (it stops a sequence at EOS = 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def build(vocab, hidden, layers, heads, seq):
+    from nemo_acft.models import GPTConfig, NADOHeadConfig, build_gpt_nado
+
+    cfg = GPTConfig(vocab_size=vocab, seq_length=seq, num_layers=layers, hidden_size=hidden,
+                    num_attention_heads=heads, make_vocab_size_divisible_by=64,
+                    nado=NADOHeadConfig(num_layers=1))
+    torch.manual_seed(0)
+    model = build_gpt_nado(cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.startswith("nado_head."):
+                p.normal_(0, 0.02)
+    return model.eval()
+
+
+def run(model, batch, new_tokens, vocab, kv, guided, seed=0, prompt_len=8):
+    from nemo_acft.sampling import SamplingParams, generate
+
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+    params = SamplingParams(max_new_tokens=new_tokens, top_p=0.9, seed=seed)
+    t = time.perf_counter()
+    with torch.no_grad():
+        out = generate(model, prompts, params, vocab_size=vocab, guided=guided,
+                       use_kv_cache=kv)
+    return time.perf_counter() - t, out.tokens
+
+
+class _IdTokenizer:
+    """The tokenizer interface megatron's controller calls: text is space-separated ids."""
+
+    eod = 0
+
+    def __init__(self, vocab):
+        self.vocab_size = vocab
+
+    def tokenize(self, text):
+        return [int(x) for x in text.split()]
+
+    def detokenize(self, ids):
+        return " ".join(str(int(i)) for i in ids)
+
+    def offsets(self, ids, text):
+        return list(range(len(ids)))
+
+
+def mcore_engine(model, vocab, max_batch, max_seq):
+    from megatron.core.inference.engines import StaticInferenceEngine
+    from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import \
+        GPTInferenceWrapper
+    from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import \
+        InferenceWrapperConfig
+    from megatron.core.inference.text_generation_controllers.text_generation_controller import \
+        TextGenerationController
+
+    cfg = InferenceWrapperConfig(hidden_size=model.config.hidden_size,
+                                 inference_batch_times_seqlen_threshold=10**9,
+                                 fp32_residual_connection=False, params_dtype=torch.float32,
+                                 padded_vocab_size=vocab, inference_max_seq_length=max_seq,
+                                 inference_max_requests=max_batch)
+    ctrl = TextGenerationController(inference_wrapped_model=GPTInferenceWrapper(model, cfg),
+                                    tokenizer=_IdTokenizer(vocab))
+    return StaticInferenceEngine(text_generation_controller=ctrl, max_batch_size=max_batch)
+
+
+def run_mcore(engine, batch, new_tokens, vocab, seed=0, prompt_len=8):
+    from megatron.core.inference.sampling_params import SamplingParams as MSamplingParams
+
+    g = torch.Generator().manual_seed(seed)
+    prompts = [" ".join(map(str, torch.randint(3, vocab, (prompt_len,), generator=g).tolist()))
+               for _ in range(batch)]
+    torch.manual_seed(seed)
+    t = time.perf_counter()
+    res = engine.generate(prompts=prompts,
+                          sampling_params=MSamplingParams(num_tokens_to_generate=new_tokens,
+                                                          top_p=0.9))
+    dt = time.perf_counter() - t
+    return dt, sum(len(r.generated_tokens) for r in res)
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for guided, style in ((False, "-"), (True, "--")):
+        sel = [r for r in rows if r["guided"] == guided]
+        b = [r["batch"] for r in sel]
+        tag = "guided" if guided else "unguided"
+        ax.plot(b, [r["kv_tok_s"] for r in sel], "o" + style, label=f"KV cache, {tag}")
+        ax.plot(b, [r["naive_tok_s"] for r in sel], "s" + style, label=f"recompute, {tag}")
+        if not guided:
+            ax.plot(b, [r["mcore_tok_s"] for r in sel], "^" + style,
+                    label="megatron StaticInferenceEngine")
+    ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="new tokens / s",
+           title="sampling throughput")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="1,4,16,64")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    from nemo_acft.models import init_distributed
+
+    init_distributed(tp=1, pp=1, seed=0)
+    vocab, seq = 512, 8 + args.new_tokens
+    model = build(vocab, 64, 2, 4, seq)
+    from nemo_acft.models import GPTConfig, build_gpt_nado
+
+    torch.manual_seed(0)  # the same trunk weights as `model`'s (same seed, same order)
+    plain = build_gpt_nado(GPTConfig(vocab_size=vocab, seq_length=seq, num_layers=2,
+                                     hidden_size=64, num_attention_heads=4,
+                                     make_vocab_size_divisible_by=64), with_head=False).eval()
+    batches = [int(b) for b in args.batches.split(",")]
+    engine = mcore_engine(plain, vocab, max(batches), seq)
+    device = f"CPU, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    rows = []
+    for guided in (False, True):
+        for batch in batches:
+            run(model, batch, 4, vocab, True, guided)  # warm-up
+            if not guided:
+                run_mcore(engine, batch, 4, vocab)
+            kv_t, naive_t, mc = [], [], []
+            for r in range(args.repeats):
+                t1, tok_kv = run(model, batch, args.new_tokens, vocab, True, guided, seed=r)
+                t2, tok_naive = run(model, batch, args.new_tokens, vocab, False, guided, seed=r)
+                if not torch.equal(tok_kv, tok_naive):
+                    raise AssertionError(f"batch {batch}: KV-cache and recompute tokens differ")
+                kv_t.append(t1)
+                naive_t.append(t2)
+                if not guided:
+                    dt, ntok = run_mcore(engine, batch, args.new_tokens, vocab, seed=r)
+                    mc.append(ntok / dt)
+            n = batch * args.new_tokens
+            row = {"batch": batch, "guided": guided,
+                   "kv_tok_s": n / statistics.median(kv_t),
+                   "naive_tok_s": n / statistics.median(naive_t)}
+            row["speedup"] = row["kv_tok_s"] / row["naive_tok_s"]
+            if mc:
+                row["mcore_tok_s"] = statistics.median(mc)
+                row["kv_vs_mcore"] = row["kv_tok_s"] / row["mcore_tok_s"]
+            rows.append(row)
+            extra = (f"   megatron engine {row['mcore_tok_s']:9.0f} tok/s" if mc else "")
+            print(f"batch {batch:3d} {'guided  ' if guided else 'unguided'}  KV {row['kv_tok_s']:9.0f} "
+                  f"tok/s   recompute {row['naive_tok_s']:9.0f} tok/s   x{row['speedup']:.2f}{extra}")
+    flat = {"device": device, "new_tokens": args.new_tokens}
+    for r in rows:
+        tag = f"{'guided' if r['guided'] else 'unguided'}.b{r['batch']}"
+        for key in ("kv_tok_s", "naive_tok_s", "speedup", "mcore_tok_s", "kv_vs_mcore"):
+            if key in r:
+                flat[f"{tag}.{key}"] = r[key]
+    b16 = [r for r in rows if r["batch"] == 16 and not r["guided"]]
+    if b16:
+        flat["kv_vs_naive_speedup"] = b16[0]["speedup"]
+        flat["kv_vs_mcore_engine"] = b16[0]["kv_vs_mcore"]
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(flat, indent=1))
+        tmp.replace(path)
+        plot(rows, path.with_suffix(".png"))
+        print(f"wrote {path} and {path.with_suffix('.png')}")
+    return flat
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Step time and peak memory of an ACFT LM step against a plain SFT step, same model and batch.
+
+    python benchmarks/step_overhead.py                      # CPU sizes, tiny to the largest here
+    python benchmarks/step_overhead.py --sizes tiny --repeats 5 --json out.json
+    python benchmarks/step_overhead.py --device cuda        # bf16 ~1B GPT, 32k and 128k vocab
+
+Variants, each a real optimizer step (``nemo_acft.training.blocks.lm_step``: forward, loss,
+backward, gradient clipping, AdamW):
+
+- ``sft``: megatron-core ``GPTModel``; its own loss path (``vocab_parallel_cross_entropy``);
+- ``acft``: ``GPTNADOModel`` with a frozen NADO head (one transformer layer) and the fused
+  chunked CE + KL (``loss_chunk_tokens``), plus λ · gated KL (``kl_penalty``);
+- ``acft_unfused``: the same with ``loss_chunk_tokens=0`` (autograd through ``cross_entropy``
+  and ``closed_form_kl``).
+
+Time: the variants run interleaved (sft, acft, acft_unfused, sft, ...) after warm-up steps, in
+one process, and the medians are compared. Memory: on CPU each variant runs in a fresh
+subprocess, which reports the peak resident set (``ru_maxrss``) over its steps and the RSS just
+before them. ``peak_mem_ratio`` compares the whole-process peaks and ``step_mem_ratio`` the
+memory the step adds on top of the model. On GPU ``torch.cuda.max_memory_allocated`` is used.
+Prints a table, writes ``--json`` (a flat dict) and a PNG next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+#: name -> (hidden, layers, heads, vocab, batch, seq)
+CPU_SIZES = {
+    "tiny": (64, 2, 4, 512, 8, 64),
+    "small": (256, 4, 4, 8192, 4, 128),
+    "medium": (512, 4, 8, 32768, 4, 256),
+}
+GPU_SIZES = {
+    "1b_32k": (2048, 16, 16, 32768, 4, 2048),
+    "1b_128k": (2048, 16, 16, 131072, 4, 2048),
+}
+VARIANTS = ("sft", "acft", "acft_unfused")
+
+
+def build(size, variant, device, dtype):
+    from nemo_acft.models import GPTConfig, NADOHeadConfig, build_gpt_nado
+    from nemo_acft.training.blocks import freeze_head
+
+    hidden, layers, heads, vocab, batch, seq = size
+    cfg = GPTConfig(vocab_size=vocab, seq_length=seq, num_layers=layers, hidden_size=hidden,
+                    num_attention_heads=heads, make_vocab_size_divisible_by=128,
+                    params_dtype=dtype,
+                    nado=NADOHeadConfig(num_layers=1,
+                                        loss_chunk_tokens=0 if variant == "acft_unfused" else 1024))
+    torch.manual_seed(0)
+    model = build_gpt_nado(cfg, with_head=variant != "sft").to(device)
+    params = freeze_head(model) if variant != "sft" else list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, vocab, (batch, seq + 1), generator=g)
+    data = {"inputs": tokens[:, :-1].to(device), "targets": tokens[:, 1:].contiguous().to(device),
+            "loss_mask": torch.ones(batch, seq, device=device),
+            "domain_ids": torch.zeros(batch, dtype=torch.long, device=device)}
+    # a NADO head that is not zero, so the KL is not trivially 0
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.startswith("nado_head."):
+                p.normal_(0, 0.02)
+    return model, optimizer, params, data
+
+
+def step(model, optimizer, params, data, variant):
+    from nemo_acft.training.blocks import lm_step
+
+    lambdas = None if variant == "sft" else torch.tensor([1.0], device=data["inputs"].device)
+    lm_step(model, optimizer, params, data, lr=1e-4, grad_clip=1.0, lambdas=lambdas, delta=0.95)
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_variants(size, device, dtype, repeats, warmup):
+    built = {v: build(size, v, device, dtype) for v in VARIANTS}
+    times = {v: [] for v in VARIANTS}
+    for _ in range(warmup):
+        for v in VARIANTS:
+            step(*built[v], v)
+    for _ in range(repeats):
+        for v in VARIANTS:
+            _sync(device)
+            t = time.perf_counter()
+            step(*built[v], v)
+            _sync(device)
+            times[v].append(time.perf_counter() - t)
+    return {v: statistics.median(ts) for v, ts in times.items()}
+
+
+def memory_child(size_name, variant, device, dtype, steps):
+    """Runs in a subprocess: the peak memory of ``steps`` steps of one variant (JSON on stdout)."""
+    from nemo_acft.models import init_distributed
+
+    init_distributed(tp=1, pp=1, seed=0)
+    sizes = GPU_SIZES if device == "cuda" else CPU_SIZES
+    model, optimizer, params, data = build(sizes[size_name], variant, device, dtype)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        before = _rss_now()
+    for _ in range(steps):
+        step(model, optimizer, params, data, variant)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"before": before, "peak": peak}))
+
+
+def _rss_now():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure_memory(size_name, variant, device, dtype, steps=3):
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+           # large buffers via mmap, returned to the OS when freed: RSS follows the allocator
+           "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, __file__, "--memory-child", size_name, variant,
+                          "--device", device, "--dtype", dtype], capture_output=True, text=True,
+                         env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["size"] for r in rows]
+    x = range(len(names))
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    w = 0.2
+    series = (("time_ratio", "time ACFT/SFT"), ("peak_mem_ratio", "peak mem ACFT/SFT"),
+              ("fused_vs_unfused_time_ratio", "time fused/unfused"),
+              ("fused_vs_unfused_mem_ratio", "step mem fused/unfused"))
+    for i, (key, label) in enumerate(series):
+        ax.bar([xi + (i - 1.5) * w for xi in x], [r[key] for r in rows], w, label=label)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(list(x), names)
+    ax.set_ylabel("ratio")
+    ax.set_title(f"ACFT step overhead ({rows[0]['device']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="float32 (CPU default) | bfloat16 (GPU default)")
+    ap.add_argument("--sizes", default=None, help="comma-separated names; default: all")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--json", default=None, help="write the figures here (flat dict)")
+    ap.add_argument("--memory-child", nargs=2, metavar=("SIZE", "VARIANT"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.memory_child:
+        return memory_child(*args.memory_child, args.device, dtype, steps=3)
+
+    from nemo_acft.models import init_distributed
+
+    init_distributed(tp=1, pp=1, seed=0)
+    sizes = GPU_SIZES if args.device == "cuda" else CPU_SIZES
+    names = args.sizes.split(",") if args.sizes else list(sizes)
+    device_name = (torch.cuda.get_device_name() if args.device == "cuda"
+                   else f"CPU, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    rows = []
+    for name in names:
+        t0 = time.perf_counter()
+        times = time_variants(sizes[name], args.device, dtype, args.repeats, args.warmup)
+        mem = {v: measure_memory(name, v, args.device, dtype) for v in VARIANTS}
+        step_mem = {v: mem[v]["peak"] - mem[v]["before"] for v in VARIANTS}
+        rows.append({
+            "size": name, "device": device_name, "dtype": dtype,
+            "sft_ms": times["sft"] * 1e3, "acft_ms": times["acft"] * 1e3,
+            "acft_unfused_ms": times["acft_unfused"] * 1e3,
+            "sft_peak_mb": mem["sft"]["peak"] / 2**20, "acft_peak_mb": mem["acft"]["peak"] / 2**20,
+            "acft_unfused_peak_mb": mem["acft_unfused"]["peak"] / 2**20,
+            "time_ratio": times["acft"] / times["sft"],
+            "peak_mem_ratio": mem["acft"]["peak"] / mem["sft"]["peak"],
+            "step_mem_ratio": step_mem["acft"] / max(step_mem["sft"], 1),
+            "fused_vs_unfused_time_ratio": times["acft"] / times["acft_unfused"],
+            "fused_vs_unfused_mem_ratio": step_mem["acft"] / max(step_mem["acft_unfused"], 1),
+            "fused_vs_unfused_peak_ratio": mem["acft"]["peak"] / mem["acft_unfused"]["peak"],
+        })
+        print(f"[{name}] measured in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    cols = ("size", "sft_ms", "acft_ms", "acft_unfused_ms", "time_ratio", "sft_peak_mb",
+            "acft_peak_mb", "acft_unfused_peak_mb", "peak_mem_ratio", "step_mem_ratio",
+            "fused_vs_unfused_time_ratio", "fused_vs_unfused_mem_ratio")
+    print(f"device: {device_name}, dtype {dtype}, medians of {args.repeats} interleaved steps")
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(r[c] if isinstance(r[c], str) else f"{r[c]:.3f}" for c in cols))
+    last = rows[-1]  # the headline figures: the largest size measured
+    flat = {"device": device_name, "dtype": dtype, "size": last["size"]}
+    for key in ("time_ratio", "peak_mem_ratio", "step_mem_ratio", "fused_vs_unfused_time_ratio",
+                "fused_vs_unfused_mem_ratio", "fused_vs_unfused_peak_ratio"):
+        flat[key] = last[key]
+    for r in rows:
+        for key, v in r.items():
+            if key not in ("size", "device", "dtype"):
+                flat[f"{r['size']}.{key}"] = v
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(flat, indent=1))
+        tmp.replace(path)
+        plot(rows, path.with_suffix(".png"))
+        print(f"wrote {path} and {path.with_suffix('.png')}")
+    return flat
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""LM cross-entropy and the closed-form KL in one chunked pass over vocab-parallel logits.
+
+The unfused path (:func:`~nemo_acft.nado.losses.cross_entropy` then
+:func:`~nemo_acft.nado.losses.closed_form_kl`) computes ``logsumexp(z)`` twice and lets autograd
+keep its intermediates and build two ``[tokens, V/TP]`` gradients that are then summed.
+:func:`fused_ce_kl` computes, per chunk of tokens, the shared ``lse_p = logsumexp(z)``, the
+target logit, ``lse_q = logsumexp(z + logσ(s) − shift)`` and ``Σ q logσ(s)``. It keeps only
+per-token statistics for the backward. The backward recomputes p and q chunk by chunk and writes
+
+    ∂/∂z = g_ce · (p − onehot(y)) + g_kl · (p − q)
+
+straight into one ``[tokens, V/TP]`` gradient, the buffer plain SFT also has. Beyond that, the
+work buffers are ``[chunk, V/TP]`` fp32: two held through a chunk and a third for moments (an
+fp32 copy of a bf16/fp16 chunk, an ``exp`` before its sum). No gradient flows into the NADO logits (q is a stop-gradient target,
+as in ``closed_form_kl``), and the backward needs no communication: p and q use the replicated
+normalisers.
+
+Library choice: megatron-core's ``fused_vocab_parallel_cross_entropy`` (jit-fused, CE only) and
+Liger-style fused linear-CE kernels compute the CE alone. Sharing the normaliser with the KL needs
+``lse_p`` inside the same pass, so this is written on our own vocab-parallel reductions. It uses
+the same collectives as megatron's vocab-parallel CE: a MAX and a SUM all-reduce per normaliser.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+from nemo_acft.nado.vocab_parallel import (ProcessGroup, all_reduce_max_, tp_rank,
+                                           tp_world_size)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _all_reduce_sum_(x: torch.Tensor, tp_group: ProcessGroup) -> torch.Tensor:
+    if tp_world_size(tp_group) > 1:
+        torch.distributed.all_reduce(x, group=tp_group)
+    return x
+
+
+def _row_max(x: torch.Tensor, tp_group: ProcessGroup) -> torch.Tensor:
+    """Max over the split vocabulary ``[c, 1]``; non-finite maxima (a row of -inf) become 0."""
+    m = x.amax(dim=-1, keepdim=True)
+    all_reduce_max_(m, tp_group)
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+class _FusedCEKL(torch.autograd.Function):
+    """Per chunk, everything relative to the row max m of z: ``a' = z − m`` is exact for the
+    likely tokens, so p, q, the CE and the KL keep full precision at logits of 1e4 (computing
+    ``exp(z − lse)`` would round ``lse`` to the precision of m). Saved per token: m and the two
+    log-normalisers ``c_p = log Σ exp(a')``, ``c_q = log Σ exp(a' + logσ(s)')`` and the shift."""
+
+    @staticmethod
+    def forward(ctx, z, s, targets, tp_group, chunk):  # noqa: D102
+        n, v_local = z.shape
+        acc = _acc_dtype(z.dtype)
+        ce = torch.empty(n, dtype=acc, device=z.device)
+        kl, log_z, m_all, c_p, c_q, shift = (torch.empty_like(ce) for _ in range(6))
+        start = tp_rank(tp_group) * v_local
+        for i in range(0, n, chunk):
+            j = min(i + chunk, n)
+            # logσ(s) shifted so that its max is 0 (see losses._shifted_log_sigmoid)
+            log_r = F.logsigmoid(s[i:j].to(acc))
+            m_r = _row_max(log_r, tp_group)
+            log_r -= m_r
+            a = z[i:j].to(acc)
+            m = _row_max(a, tp_group)
+            a = a - m  # a' (a new buffer: z itself is never written)
+            c_p_c = _all_reduce_sum_(torch.exp(a).sum(dim=-1), tp_group).log()
+            # target logit: the rank whose shard holds it contributes, then a sum
+            local = targets[i:j] - start
+            in_shard = (local >= 0) & (local < v_local)
+            picked = a.gather(-1, local.clamp(0, v_local - 1).unsqueeze(-1)).squeeze(-1)
+            a_y = _all_reduce_sum_(torch.where(in_shard, picked, torch.zeros_like(picked)),
+                                   tp_group)
+            # q = softmax(a' + logσ(s)'), built in a's buffer
+            a.add_(log_r)
+            m_q = _row_max(a, tp_group)
+            a.sub_(m_q).exp_()
+            sum_q = _all_reduce_sum_(a.sum(dim=-1), tp_group)
+            a.div_(sum_q.unsqueeze(-1))
+            c_q_c = m_q.squeeze(-1) + sum_q.log()
+            # Σ q logσ(s)' with 0 · (−inf) = 0 where the head rules a token out entirely
+            log_r.mul_(a).nan_to_num_(nan=0.0, neginf=0.0)
+            q_log_r = _all_reduce_sum_(log_r.sum(dim=-1), tp_group)
+            ce[i:j] = c_p_c - a_y
+            kl[i:j] = (q_log_r - (c_q_c - c_p_c)).clamp_min(0.0)
+            log_z[i:j] = c_q_c - c_p_c + m_r.squeeze(-1)
+            m_all[i:j], c_p[i:j], c_q[i:j], shift[i:j] = m.squeeze(-1), c_p_c, c_q_c, m_r.squeeze(-1)
+        ctx.save_for_backward(z, s, targets, m_all, c_p, c_q, shift)
+        ctx.tp_group, ctx.chunk = tp_group, chunk
+        ctx.mark_non_differentiable(log_z)
+        return ce, kl, log_z
+
+    @staticmethod
+    def backward(ctx, g_ce, g_kl, _g_log_z):  # noqa: D102
+        z, s, targets, m_all, c_p, c_q, shift = ctx.saved_tensors
+        n, v_local = z.shape
+        acc = _acc_dtype(z.dtype)
+        start = tp_rank(ctx.tp_group) * v_local
+        g_ce = torch.zeros(n, dtype=acc, device=z.device) if g_ce is None else g_ce.to(acc)
+        g_kl = torch.zeros(n, dtype=acc, device=z.device) if g_kl is None else g_kl.to(acc)
+        grad = torch.empty_like(z)
+        rows = torch.arange(min(ctx.chunk, n), device=z.device)
+        for i in range(0, n, ctx.chunk):
+            j = min(i + ctx.chunk, n)
+            gc, gk = g_ce[i:j].unsqueeze(-1), g_kl[i:j].unsqueeze(-1)
+            a = z[i:j].to(acc) - m_all[i:j].unsqueeze(-1)  # a'
+            q = F.logsigmoid(s[i:j].to(acc)).sub_(shift[i:j].unsqueeze(-1))  # exact, then O(1)
+            q.add_(a).sub_(c_q[i:j].unsqueeze(-1)).exp_().mul_(gk)
+            p = a.sub_(c_p[i:j].unsqueeze(-1)).exp_().mul_(gc + gk)
+            p.sub_(q)
+            local = targets[i:j] - start
+            in_shard = (local >= 0) & (local < v_local)
+            r = rows[: j - i][in_shard]
+            p[r, local[in_shard]] -= g_ce[i:j][in_shard]
+            grad[i:j] = p
+        return grad, None, None, None, None
+
+
+def fused_ce_kl(
+    lm_logits: torch.Tensor,
+    nado_logits: torch.Tensor,
+    targets: torch.Tensor,
+    tp_group: ProcessGroup = None,
+    chunk_tokens: int = 2048,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token ``(ce, kl, log_z)``: the values of ``cross_entropy(z, y)`` and
+    ``closed_form_kl(z, s, return_log_z=True)`` in one chunked pass, with the hand-written backward
+    of the module docstring.
+
+    Args:
+        lm_logits: ``[..., V_local]`` vocab-parallel LM logits z (any float dtype).
+        nado_logits: ``[..., V_local]`` vocab-parallel NADO logits s (no gradient flows to them).
+        targets: ``[...]`` int64 ids of the full vocabulary.
+        tp_group: tensor-parallel group; None = vocabulary not split.
+        chunk_tokens: tokens per chunk: the work buffers are ``[chunk_tokens, V_local]`` fp32.
+    Returns:
+        ``ce``, ``kl`` (differentiable w.r.t. z) and ``log_z`` (no grad), each ``[...]`` in fp32
+        (fp64 for fp64 logits), replicated over ``tp_group``.
+    """
+    if lm_logits.shape != nado_logits.shape:
+        raise ValueError(f"lm_logits {tuple(lm_logits.shape)} and nado_logits "
+                         f"{tuple(nado_logits.shape)} must have the same shape")
+    if targets.shape != lm_logits.shape[:-1]:
+        raise ValueError(f"targets {tuple(targets.shape)} must be {tuple(lm_logits.shape[:-1])}")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens={chunk_tokens}: expected >= 1")
+    lead = targets.shape
+    v = lm_logits.shape[-1]
+    ce, kl, log_z = _FusedCEKL.apply(lm_logits.reshape(-1, v), nado_logits.reshape(-1, v),
+                                     targets.reshape(-1), tp_group, int(chunk_tokens))
+    return ce.view(lead), kl.view(lead), log_z.view(lead)

@@ -1,0 +1,120 @@
+"""The fused chunked CE + KL against the unfused path (cross_entropy + closed_form_kl), and
+against float64 formulas written out directly: values and the gradient w.r.t. the LM logits, at
+TP=1 and TP=2, for chunk sizes that do and do not divide the tokens, and at extreme logits."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nemo_acft.nado import closed_form_kl, cross_entropy
+from nemo_acft.nado.fused import fused_ce_kl
+from tests.dist_utils import run_workers
+
+
+def _inputs(n=37, v=50, scale=3.0, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(n, v, generator=g, dtype=torch.float64) * scale).to(dtype)
+    s = (torch.randn(n, v, generator=g, dtype=torch.float64) * scale).to(dtype)
+    y = torch.randint(0, v, (n,), generator=g)
+    g_ce = torch.rand(n, generator=g, dtype=torch.float64)
+    g_kl = torch.rand(n, generator=g, dtype=torch.float64) * 4
+    return z, s, y, g_ce, g_kl
+
+
+def _reference(z, s, y):
+    z, s = z.double(), s.double()
+    log_p = torch.log_softmax(z, -1)
+    log_q = torch.log_softmax(z + F.logsigmoid(s), -1)
+    ce = -log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    q = log_q.exp()
+    kl = torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q)).sum(-1)  # 0 log 0 = 0
+    log_z = torch.logsumexp(log_p + F.logsigmoid(s), -1)
+    return ce, kl, log_z, log_p.exp(), log_q.exp()
+
+
+def _fused_grad(z, s, y, g_ce, g_kl, chunk, tp_group=None):
+    z = z.clone().requires_grad_(True)
+    ce, kl, log_z = fused_ce_kl(z, s, y, tp_group, chunk_tokens=chunk)
+    ((ce * g_ce.to(ce.dtype)).sum() + (kl * g_kl.to(kl.dtype)).sum()).backward()
+    return ce.detach(), kl.detach(), log_z, z.grad
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 37, 4096])
+def test_fused_equals_float64_formulas_and_unfused(chunk):
+    z, s, y, g_ce, g_kl = _inputs()
+    ce, kl, log_z, grad = _fused_grad(z, s, y, g_ce, g_kl, chunk)
+    r_ce, r_kl, r_log_z, p, q = _reference(z, s, y)
+    torch.testing.assert_close(ce.double(), r_ce, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl.double(), r_kl, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(log_z.double(), r_log_z, rtol=1e-5, atol=1e-5)
+    onehot = F.one_hot(y, z.shape[-1]).double()
+    expected = g_ce[:, None] * (p - onehot) + g_kl[:, None] * (p - q)
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-5, atol=1e-5)
+    # the unfused path of the model (autograd through cross_entropy and closed_form_kl)
+    zu = z.clone().requires_grad_(True)
+    u_kl, u_log_z = closed_form_kl(zu, s, return_log_z=True)
+    u_ce = cross_entropy(zu, y)
+    ((u_ce * g_ce.float()).sum() + (u_kl * g_kl.float()).sum()).backward()
+    torch.testing.assert_close(ce, u_ce.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl, u_kl.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, zu.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_at_extreme_logits():
+    """Logits of ±1e4, R ≈ 0 everywhere (s = −1e4), R ≈ 1, and a token ruled out (s = −inf)."""
+    z, s, y, g_ce, g_kl = _inputs(n=6, v=40, scale=1.0, seed=3)
+    z[0] *= 1e4
+    s[1] = -1e4 + s[1]
+    s[2] = 1e4 + s[2]
+    s[3, 5] = float("-inf")
+    z[4, y[4]] = -1e4  # the target is very unlikely: CE ≈ 1e4
+    ce, kl, log_z, grad = _fused_grad(z, s, y, g_ce, g_kl, chunk=4)
+    assert torch.isfinite(ce).all() and torch.isfinite(kl).all() and torch.isfinite(grad).all()
+    r_ce, r_kl, r_log_z, p, q = _reference(z, s, y)
+    torch.testing.assert_close(ce.double(), r_ce, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(kl.double(), r_kl, rtol=1e-4, atol=1e-5)
+    onehot = F.one_hot(y, z.shape[-1]).double()
+    expected = g_ce[:, None] * (p - onehot) + g_kl[:, None] * (p - q)
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-4, atol=1e-5)
+    assert (kl >= 0).all()
+
+
+def test_fused_bf16_logits_accumulate_in_fp32():
+    z, s, y, g_ce, g_kl = _inputs(dtype=torch.bfloat16)
+    ce, kl, _, grad = _fused_grad(z, s, y, g_ce, g_kl, chunk=5)
+    assert ce.dtype == kl.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    r_ce, r_kl, *_ = _reference(z, s, y)  # the same bf16 values, in float64
+    torch.testing.assert_close(ce.double(), r_ce, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl.double(), r_kl, rtol=1e-5, atol=1e-6)
+
+
+def _tp_worker(rank, world_size, chunk):
+    from nemo_acft.models import init_distributed, tp_group
+
+    init_distributed(tp=world_size, pp=1, seed=0)
+    z, s, y, g_ce, g_kl = _inputs(n=21, v=48)
+    v_local = 48 // world_size
+    sl = slice(rank * v_local, (rank + 1) * v_local)
+    ce, kl, log_z, grad = _fused_grad(z[:, sl].contiguous(), s[:, sl].contiguous(), y, g_ce,
+                                      g_kl, chunk, tp_group())
+    return {"ce": ce, "kl": kl, "log_z": log_z, "grad": grad}
+
+
+def test_fused_tp2_equals_tp1():
+    (one,) = run_workers(_tp_worker, 1, 8)
+    two = run_workers(_tp_worker, 2, 8)
+    for r in range(2):
+        for key in ("ce", "kl", "log_z"):
+            torch.testing.assert_close(two[r][key], one[key], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([two[0]["grad"], two[1]["grad"]], -1), one["grad"],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_fused_input_errors():
+    z, s, y, *_ = _inputs(n=4, v=6)
+    with pytest.raises(ValueError, match="same shape"):
+        fused_ce_kl(z, s[:, :5], y)
+    with pytest.raises(ValueError, match="targets"):
+        fused_ce_kl(z, s, y[:3])
+    with pytest.raises(ValueError, match="chunk_tokens=0"):
+        fused_ce_kl(z, s, y, chunk_tokens=0)
