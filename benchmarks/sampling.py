@@ -7,9 +7,12 @@
 Both run ``nemo_acft.sampling.generate`` on the same model, prompts and seed: ``use_kv_cache``
 True (a megatron ``StaticInferenceContext``, prefill then one position per step) or False (the
 whole prefix recomputed each step). Both produce the same tokens, and the script checks it.
-Rows alternate between the two and the median of ``--repeats`` is reported. The model is
-``tiny_cpu``'s shape (2 layers, hidden 64, 4 heads; vocabulary 512) with a one-layer NADO head,
-sampled unguided and guided (q ∝ p·R).
+Rows alternate between the two and the median of ``--repeats`` is reported. Models (``--models``),
+each with a one-layer NADO head, sampled unguided and guided (q ∝ p·R):
+
+- ``tiny``: ``tiny_cpu``'s shape (2 layers, hidden 64, 4 heads, vocabulary 512), 8-token
+  prompts; the headline figures (``kv_vs_naive_speedup``: batch 16, unguided);
+- ``small``: 4 layers, hidden 256, 8 heads, vocabulary 8192, 32-token prompts (keys ``small.*``).
 
 megatron-core's own ``StaticInferenceEngine`` (``GPTInferenceWrapper`` +
 ``TextGenerationController``, top-p 0.9, the same trunk without the head, unguided only: it has no
@@ -46,6 +49,10 @@ def build(vocab, hidden, layers, heads, seq):
             if n.startswith("nado_head."):
                 p.normal_(0, 0.02)
     return model.eval()
+
+
+#: name -> (vocab, hidden, layers, heads, prompt length)
+MODELS = {"tiny": (512, 64, 2, 4, 8), "small": (8192, 256, 4, 8, 32)}
 
 
 def run(model, batch, new_tokens, vocab, kv, guided, seed=0, prompt_len=8):
@@ -113,26 +120,27 @@ def run_mcore(engine, batch, new_tokens, vocab, seed=0, prompt_len=8):
     return dt, sum(len(r.generated_tokens) for r in res)
 
 
-def plot(rows, path):
+def plot(all_rows, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for guided, style in ((False, "-"), (True, "--")):
-        sel = [r for r in rows if r["guided"] == guided]
-        b = [r["batch"] for r in sel]
-        tag = "guided" if guided else "unguided"
-        ax.plot(b, [r["kv_tok_s"] for r in sel], "o" + style, label=f"KV cache, {tag}")
-        ax.plot(b, [r["naive_tok_s"] for r in sel], "s" + style, label=f"recompute, {tag}")
-        if not guided:
-            ax.plot(b, [r["mcore_tok_s"] for r in sel], "^" + style,
-                    label="megatron StaticInferenceEngine")
-    ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="new tokens / s",
-           title="sampling throughput")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(all_rows), figsize=(5.5 * len(all_rows), 3.6), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], all_rows.items()):
+        for guided, style in ((False, "-"), (True, "--")):
+            sel = [r for r in rows if r["guided"] == guided]
+            b = [r["batch"] for r in sel]
+            tag = "guided" if guided else "unguided"
+            ax.plot(b, [r["kv_tok_s"] for r in sel], "o" + style, label=f"ours, KV cache, {tag}")
+            ax.plot(b, [r["naive_tok_s"] for r in sel], "s" + style, label=f"recompute, {tag}")
+            if not guided:
+                ax.plot(b, [r["mcore_tok_s"] for r in sel], "^" + style,
+                        label="megatron StaticInferenceEngine")
+        ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="new tokens / s",
+               title=f"sampling throughput, {name} model")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -140,45 +148,36 @@ def plot(rows, path):
     tmp.replace(path)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batches", default="1,4,16,64")
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args(argv)
-    from nemo_acft.models import init_distributed
-
-    init_distributed(tp=1, pp=1, seed=0)
-    vocab, seq = 512, 8 + args.new_tokens
-    model = build(vocab, 64, 2, 4, seq)
+def bench_model(name, batches, new_tokens, repeats):
     from nemo_acft.models import GPTConfig, build_gpt_nado
 
-    torch.manual_seed(0)  # the same trunk weights as `model`'s (same seed, same order)
-    plain = build_gpt_nado(GPTConfig(vocab_size=vocab, seq_length=seq, num_layers=2,
-                                     hidden_size=64, num_attention_heads=4,
+    vocab, hidden, layers, heads, prompt_len = MODELS[name]
+    seq = prompt_len + new_tokens
+    model = build(vocab, hidden, layers, heads, seq)
+    torch.manual_seed(0)
+    plain = build_gpt_nado(GPTConfig(vocab_size=vocab, seq_length=seq, num_layers=layers,
+                                     hidden_size=hidden, num_attention_heads=heads,
                                      make_vocab_size_divisible_by=64), with_head=False).eval()
-    batches = [int(b) for b in args.batches.split(",")]
     engine = mcore_engine(plain, vocab, max(batches), seq)
-    device = f"CPU, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
     rows = []
     for guided in (False, True):
         for batch in batches:
-            run(model, batch, 4, vocab, True, guided)  # warm-up
+            run(model, batch, 4, vocab, True, guided, prompt_len=prompt_len)  # warm-up
             if not guided:
-                run_mcore(engine, batch, 4, vocab)
+                run_mcore(engine, batch, 4, vocab, prompt_len=prompt_len)
             kv_t, naive_t, mc = [], [], []
-            for r in range(args.repeats):
-                t1, tok_kv = run(model, batch, args.new_tokens, vocab, True, guided, seed=r)
-                t2, tok_naive = run(model, batch, args.new_tokens, vocab, False, guided, seed=r)
+            for r in range(repeats):
+                t1, tok_kv = run(model, batch, new_tokens, vocab, True, guided, r, prompt_len)
+                t2, tok_naive = run(model, batch, new_tokens, vocab, False, guided, r, prompt_len)
                 if not torch.equal(tok_kv, tok_naive):
-                    raise AssertionError(f"batch {batch}: KV-cache and recompute tokens differ")
+                    raise AssertionError(f"{name} batch {batch}: KV-cache and recompute tokens "
+                                         "differ")
                 kv_t.append(t1)
                 naive_t.append(t2)
                 if not guided:
-                    dt, ntok = run_mcore(engine, batch, args.new_tokens, vocab, seed=r)
+                    dt, ntok = run_mcore(engine, batch, new_tokens, vocab, r, prompt_len)
                     mc.append(ntok / dt)
-            n = batch * args.new_tokens
+            n = batch * new_tokens
             row = {"batch": batch, "guided": guided,
                    "kv_tok_s": n / statistics.median(kv_t),
                    "naive_tok_s": n / statistics.median(naive_t)}
@@ -187,26 +186,47 @@ def main(argv=None):
                 row["mcore_tok_s"] = statistics.median(mc)
                 row["kv_vs_mcore"] = row["kv_tok_s"] / row["mcore_tok_s"]
             rows.append(row)
-            extra = (f"   megatron engine {row['mcore_tok_s']:9.0f} tok/s" if mc else "")
-            print(f"batch {batch:3d} {'guided  ' if guided else 'unguided'}  KV {row['kv_tok_s']:9.0f} "
-                  f"tok/s   recompute {row['naive_tok_s']:9.0f} tok/s   x{row['speedup']:.2f}{extra}")
+            extra = f"   megatron engine {row['mcore_tok_s']:8.0f} tok/s" if mc else ""
+            print(f"{name:5s} batch {batch:3d} {'guided  ' if guided else 'unguided'}  KV "
+                  f"{row['kv_tok_s']:8.0f} tok/s   recompute {row['naive_tok_s']:8.0f} tok/s   "
+                  f"x{row['speedup']:.2f}{extra}", flush=True)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="1,4,16,64")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--models", default="tiny,small", help=f"comma-separated, of {list(MODELS)}")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    from nemo_acft.models import init_distributed
+
+    init_distributed(tp=1, pp=1, seed=0)
+    device = f"CPU, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    batches = [int(b) for b in args.batches.split(",")]
     flat = {"device": device, "new_tokens": args.new_tokens}
-    for r in rows:
-        tag = f"{'guided' if r['guided'] else 'unguided'}.b{r['batch']}"
-        for key in ("kv_tok_s", "naive_tok_s", "speedup", "mcore_tok_s", "kv_vs_mcore"):
-            if key in r:
-                flat[f"{tag}.{key}"] = r[key]
-    b16 = [r for r in rows if r["batch"] == 16 and not r["guided"]]
-    if b16:
-        flat["kv_vs_naive_speedup"] = b16[0]["speedup"]
-        flat["kv_vs_mcore_engine"] = b16[0]["kv_vs_mcore"]
+    all_rows = {}
+    for name in args.models.split(","):
+        rows = all_rows[name] = bench_model(name, batches, args.new_tokens, args.repeats)
+        prefix = "" if name == "tiny" else f"{name}."
+        for r in rows:
+            tag = f"{prefix}{'guided' if r['guided'] else 'unguided'}.b{r['batch']}"
+            for key in ("kv_tok_s", "naive_tok_s", "speedup", "mcore_tok_s", "kv_vs_mcore"):
+                if key in r:
+                    flat[f"{tag}.{key}"] = r[key]
+        b16 = [r for r in rows if r["batch"] == 16 and not r["guided"]]
+        if b16:
+            flat[f"{prefix}kv_vs_naive_speedup"] = b16[0]["speedup"]
+            flat[f"{prefix}kv_vs_mcore_engine"] = b16[0]["kv_vs_mcore"]
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(flat, indent=1))
         tmp.replace(path)
-        plot(rows, path.with_suffix(".png"))
+        plot(all_rows, path.with_suffix(".png"))
         print(f"wrote {path} and {path.with_suffix('.png')}")
     return flat
 

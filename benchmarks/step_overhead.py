@@ -15,7 +15,7 @@ backward, gradient clipping, AdamW):
 
 Time: the variants run interleaved (sft, acft, acft_unfused, sft, ...) after warm-up steps, in
 one process, and the medians are compared. Memory: on CPU each variant runs in a fresh
-subprocess, which reports the peak resident set (``ru_maxrss``) over its steps and the RSS just
+subprocess, which reports its peak resident set (``VmHWM``) over its steps and the RSS just
 before them. ``peak_mem_ratio`` compares the whole-process peaks and ``step_mem_ratio`` the
 memory the step adds on top of the model. On GPU ``torch.cuda.max_memory_allocated`` is used.
 Prints a table, writes ``--json`` (a flat dict) and a PNG next to it.
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -123,8 +122,18 @@ def memory_child(size_name, variant, device, dtype, steps):
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = _vm_hwm()
     print(json.dumps({"before": before, "peak": peak}))
+
+
+def _vm_hwm():
+    """This process's peak RSS (``VmHWM``): reset at exec, unlike ``ru_maxrss``, which a child
+    inherits from the parent that forked it."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _rss_now():
@@ -133,12 +142,16 @@ def _rss_now():
 
 
 def measure_memory(size_name, variant, device, dtype, steps=3):
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+    dist_vars = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    env = {**{k: v for k, v in os.environ.items() if k not in dist_vars},
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
            # large buffers via mmap, returned to the OS when freed: RSS follows the allocator
            "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run([sys.executable, __file__, "--memory-child", size_name, variant,
                           "--device", device, "--dtype", dtype], capture_output=True, text=True,
-                         env=env, check=True)
+                         env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory run {size_name}/{variant} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

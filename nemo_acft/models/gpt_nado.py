@@ -135,6 +135,8 @@ class GPTNADOModel(GPTModel):
         super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, **kwargs)
         self.nado_config = nado = nado or NADOHeadConfig()
         self.nado_head = None
+        #: False skips the head (sampling from p alone): forward returns (lm_logits, None)
+        self.head_enabled = True
         if self.post_process:
             self.nado_head = NADOHead(config, nado, transformer_layer_spec, vocab_size,
                                       first_layer_number=config.num_layers + 1)
@@ -150,8 +152,10 @@ class GPTNADOModel(GPTModel):
             not self.training and inference_context is not None
             and inference_context.materialize_only_last_token_logits
         )
-        nado_logits = self.nado_head(hidden_states.detach(), attention_mask, rotary_pos_emb,
-                                     inference_context, last_token_only)
+        nado_logits = None
+        if self.head_enabled or labels is not None:
+            nado_logits = self.nado_head(hidden_states.detach(), attention_mask, rotary_pos_emb,
+                                         inference_context, last_token_only)
         if last_token_only:
             hidden_states = hidden_states[-1:]
         output_weight = None
@@ -160,6 +164,8 @@ class GPTNADOModel(GPTModel):
         lm_logits, _ = self.output_layer(hidden_states, weight=output_weight,
                                          runtime_gather_output=runtime_gather_output)
         if labels is None:
+            if nado_logits is None:
+                return lm_logits.transpose(0, 1).contiguous(), None
             return lm_logits.transpose(0, 1).contiguous(), nado_logits.transpose(0, 1).contiguous()
         # Not megatron's compute_language_model_loss: its cross-entropy overwrites the logits
         # in place, and the KL reads the same logits.

@@ -130,37 +130,45 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
     done = torch.zeros(n, dtype=torch.bool)
     gen = torch.Generator().manual_seed(params.seed)
     ctx = StaticInferenceContext(n, total) if use_kv_cache else None
+    # sampling from p needs no NADO head: skip its layers and vocabulary projection
+    skip_head = not guided and getattr(model, "head_enabled", False)
+    if skip_head:
+        model.head_enabled = False
 
-    start = 0
-    for end in range(int(prompt_lengths.min()), total):
-        if ctx is None:
-            start = 0
-        out = model(tokens[:, start:end], positions[:, start:end], None, inference_context=ctx)
-        if ctx is not None:
-            ctx.sequence_len_offset += end - start
-        lm_logits, nado_logits = out if isinstance(out, tuple) else (out, None)
-        z = lm_logits[:, -1].float() / params.temperature
-        if guided:
-            log_probs = guided_log_probs(z, nado_logits[:, -1], tp_group)
-        else:
-            log_probs = z
-        log_probs = _gather_vocab(log_probs, tp_group)[:, :vocab_size]
-        log_probs = torch.log_softmax(filter_logits(log_probs, params.top_k, params.top_p), -1)
-        sampled = torch.multinomial(log_probs.exp(), 1, generator=gen).squeeze(-1)
-        generating = (end >= prompt_lengths) & (end < lengths) & ~done
-        nxt = torch.where(generating, sampled, tokens[:, end])
-        nxt = torch.where(done | (end >= lengths), torch.full_like(nxt, pad_id), nxt)
-        tokens[:, end] = nxt
-        logprobs[:, end] = torch.where(
-            generating, log_probs.gather(-1, sampled.unsqueeze(-1)).squeeze(-1),
-            torch.zeros(n))
-        if params.eos_id is not None:
-            hit_eos = generating & (sampled == params.eos_id)
-            lengths = torch.where(hit_eos, torch.full_like(lengths, end + 1), lengths)
-            done |= hit_eos
-        start = end
-        if done.all():
-            break
-    model.train(was_training)
+    try:
+        start = 0
+        for end in range(int(prompt_lengths.min()), total):
+            if ctx is None:
+                start = 0
+            out = model(tokens[:, start:end], positions[:, start:end], None, inference_context=ctx)
+            if ctx is not None:
+                ctx.sequence_len_offset += end - start
+            lm_logits, nado_logits = out if isinstance(out, tuple) else (out, None)
+            z = lm_logits[:, -1].float() / params.temperature
+            if guided:
+                log_probs = guided_log_probs(z, nado_logits[:, -1], tp_group)
+            else:
+                log_probs = z
+            log_probs = _gather_vocab(log_probs, tp_group)[:, :vocab_size]
+            log_probs = torch.log_softmax(filter_logits(log_probs, params.top_k, params.top_p), -1)
+            sampled = torch.multinomial(log_probs.exp(), 1, generator=gen).squeeze(-1)
+            generating = (end >= prompt_lengths) & (end < lengths) & ~done
+            nxt = torch.where(generating, sampled, tokens[:, end])
+            nxt = torch.where(done | (end >= lengths), torch.full_like(nxt, pad_id), nxt)
+            tokens[:, end] = nxt
+            logprobs[:, end] = torch.where(
+                generating, log_probs.gather(-1, sampled.unsqueeze(-1)).squeeze(-1),
+                torch.zeros(n))
+            if params.eos_id is not None:
+                hit_eos = generating & (sampled == params.eos_id)
+                lengths = torch.where(hit_eos, torch.full_like(lengths, end + 1), lengths)
+                done |= hit_eos
+            start = end
+            if done.all():
+                break
+    finally:
+        model.train(was_training)
+        if skip_head:
+            model.head_enabled = True
     return Samples(tokens=tokens, prompt_lengths=prompt_lengths, lengths=lengths,
                    logprobs=logprobs)
