@@ -58,7 +58,7 @@ def build(size, variant, device, dtype):
                     num_attention_heads=heads, make_vocab_size_divisible_by=128,
                     params_dtype=dtype,
                     nado=NADOHeadConfig(num_layers=1,
-                                        loss_chunk_tokens=0 if variant == "acft_unfused" else 1024))
+                                        loss_chunk_tokens=0 if variant == "acft_unfused" else 256))
     torch.manual_seed(0)
     model = build_gpt_nado(cfg, with_head=variant != "sft").to(device)
     params = freeze_head(model) if variant != "sft" else list(model.parameters())

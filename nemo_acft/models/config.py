@@ -26,7 +26,7 @@ class NADOHeadConfig:
 
     num_layers: int = 0
     fp32: bool = False
-    loss_chunk_tokens: int = 1024
+    loss_chunk_tokens: int = 256
 
 
 @dataclass
