@@ -118,3 +118,25 @@ def test_fused_input_errors():
         fused_ce_kl(z, s, y[:3])
     with pytest.raises(ValueError, match="chunk_tokens=0"):
         fused_ce_kl(z, s, y, chunk_tokens=0)
+
+
+def test_projection_inside_the_loss_equals_materialised_logits():
+    """fused_ce_kl_from_hidden (s = hidden @ W.T per chunk, never whole) against the float64
+    formulas on the materialised s; no gradient reaches the hidden states or the weight."""
+    from nemo_acft.nado.fused import fused_ce_kl_from_hidden
+
+    z, _, y, g_ce, g_kl = _inputs(n=29, v=40)
+    g = torch.Generator().manual_seed(9)
+    hidden = torch.randn(29, 16, generator=g, requires_grad=True)
+    weight = torch.randn(40, 16, generator=g, requires_grad=True)
+    zz = z.clone().requires_grad_(True)
+    ce, kl, log_z = fused_ce_kl_from_hidden(zz, hidden, weight, y, chunk_tokens=6)
+    ((ce * g_ce.float()).sum() + (kl * g_kl.float()).sum()).backward()
+    s = (hidden.double() @ weight.double().t()).detach()
+    r_ce, r_kl, r_log_z, p, q = _reference(z, s, y)
+    torch.testing.assert_close(ce.double(), r_ce, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl.double(), r_kl, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(log_z.double(), r_log_z, rtol=1e-5, atol=1e-5)
+    expected = g_ce[:, None] * (p - F.one_hot(y, 40).double()) + g_kl[:, None] * (p - q)
+    torch.testing.assert_close(zz.grad.double(), expected, rtol=1e-4, atol=1e-5)
+    assert hidden.grad is None and weight.grad is None

@@ -26,7 +26,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from nemo_acft.models.config import GPTConfig, NADOHeadConfig
 from nemo_acft.models.parallel import tp_group
 from nemo_acft.nado import closed_form_kl, cross_entropy
-from nemo_acft.nado.fused import fused_ce_kl
+from nemo_acft.nado.fused import fused_ce_kl, fused_ce_kl_from_hidden
 
 NADO_PREFIX = "nado_head."
 
@@ -100,9 +100,10 @@ class NADOHead(MegatronModule):
 
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
                 rotary_pos_emb: Optional[Tensor] = None, inference_context=None,
-                last_token_only: bool = False) -> Tensor:
+                last_token_only: bool = False, return_hidden: bool = False) -> Tensor:
         """Args: hidden_states ``[s, b, h]`` (detached trunk output).
-        Returns: NADO logits ``[s, b, V/TP]`` (vocab-parallel)."""
+        Returns: NADO logits ``[s, b, V/TP]`` (vocab-parallel), or with ``return_hidden`` the
+        ``[s, b, h]`` input of the output layer (for a loss that projects chunk by chunk)."""
         if self.fp32:
             hidden_states = hidden_states.float()
         for layer in self.layers:
@@ -113,6 +114,8 @@ class NADOHead(MegatronModule):
             hidden_states = self.final_layernorm(hidden_states)
         if last_token_only:
             hidden_states = hidden_states[-1:]
+        if return_hidden:
+            return hidden_states
         logits, _ = self.output_layer(hidden_states)
         return logits
 
@@ -152,10 +155,16 @@ class GPTNADOModel(GPTModel):
             not self.training and inference_context is not None
             and inference_context.materialize_only_last_token_logits
         )
+        chunk = self.nado_config.loss_chunk_tokens
+        # the training loss projects the head's hidden states chunk by chunk inside the fused
+        # pass: the [tokens, V/TP] NADO logits are never materialised
+        project_in_loss = (labels is not None and chunk > 0
+                           and not self.config.sequence_parallel)
         nado_logits = None
         if self.head_enabled or labels is not None:
             nado_logits = self.nado_head(hidden_states.detach(), attention_mask, rotary_pos_emb,
-                                         inference_context, last_token_only)
+                                         inference_context, last_token_only,
+                                         return_hidden=project_in_loss)
         if last_token_only:
             hidden_states = hidden_states[-1:]
         output_weight = None
@@ -169,8 +178,11 @@ class GPTNADOModel(GPTModel):
             return lm_logits.transpose(0, 1).contiguous(), nado_logits.transpose(0, 1).contiguous()
         # Not megatron's compute_language_model_loss: its cross-entropy overwrites the logits
         # in place, and the KL reads the same logits.
-        chunk = self.nado_config.loss_chunk_tokens
-        if chunk > 0:  # one pass, shared logsumexp, hand-written backward
+        if project_in_loss:  # one pass, shared logsumexp, hand-written backward
+            lm_loss, kl, log_z = fused_ce_kl_from_hidden(
+                lm_logits, nado_logits, self.nado_head.output_layer.weight,
+                labels.transpose(0, 1), tp_group(), chunk)
+        elif chunk > 0:
             lm_loss, kl, log_z = fused_ce_kl(lm_logits, nado_logits, labels.transpose(0, 1),
                                              tp_group(), chunk)
         else:

@@ -15,6 +15,11 @@ fp32 copy of a bf16/fp16 chunk, an ``exp`` before its sum). No gradient flows in
 as in ``closed_form_kl``), and the backward needs no communication: p and q use the replicated
 normalisers.
 
+The model's training path goes one step further (:func:`fused_ce_kl_from_hidden`): it passes
+the NADO head's final hidden states and output weight instead of its logits, and each chunk's
+``s`` is projected inside the pass (and again in the backward), so the ``[tokens, V/TP]`` NADO
+logits never exist at once either.
+
 Library choice: megatron-core's ``fused_vocab_parallel_cross_entropy`` (jit-fused, CE only) and
 Liger-style fused linear-CE kernels compute the CE alone. Sharing the normaliser with the KL needs
 ``lse_p`` inside the same pass, so this is written on our own vocab-parallel reductions. It uses
@@ -56,8 +61,9 @@ class _FusedCEKL(torch.autograd.Function):
     log-normalisers ``c_p = log Σ exp(a')``, ``c_q = log Σ exp(a' + logσ(s)')`` and the shift."""
 
     @staticmethod
-    def forward(ctx, z, s, targets, tp_group, chunk):  # noqa: D102
+    def forward(ctx, z, s, targets, tp_group, chunk, s_hidden=None, s_weight=None):  # noqa: D102
         n, v_local = z.shape
+        s_chunk = _s_chunks(s, s_hidden, s_weight)
         acc = _acc_dtype(z.dtype)
         ce = torch.empty(n, dtype=acc, device=z.device)
         kl, log_z, m_all, c_p, c_q, shift = (torch.empty_like(ce) for _ in range(6))
@@ -65,7 +71,7 @@ class _FusedCEKL(torch.autograd.Function):
         for i in range(0, n, chunk):
             j = min(i + chunk, n)
             # logσ(s) shifted so that its max is 0 (see losses._shifted_log_sigmoid)
-            log_r = F.logsigmoid(s[i:j].to(acc))
+            log_r = F.logsigmoid(s_chunk(i, j).to(acc))
             m_r = _row_max(log_r, tp_group)
             log_r -= m_r
             a = z[i:j].to(acc)
@@ -92,14 +98,15 @@ class _FusedCEKL(torch.autograd.Function):
             kl[i:j] = (q_log_r - (c_q_c - c_p_c)).clamp_min(0.0)
             log_z[i:j] = c_q_c - c_p_c + m_r.squeeze(-1)
             m_all[i:j], c_p[i:j], c_q[i:j], shift[i:j] = m.squeeze(-1), c_p_c, c_q_c, m_r.squeeze(-1)
-        ctx.save_for_backward(z, s, targets, m_all, c_p, c_q, shift)
+        ctx.save_for_backward(z, s, targets, m_all, c_p, c_q, shift, s_hidden, s_weight)
         ctx.tp_group, ctx.chunk = tp_group, chunk
         ctx.mark_non_differentiable(log_z)
         return ce, kl, log_z
 
     @staticmethod
     def backward(ctx, g_ce, g_kl, _g_log_z):  # noqa: D102
-        z, s, targets, m_all, c_p, c_q, shift = ctx.saved_tensors
+        z, s, targets, m_all, c_p, c_q, shift, s_hidden, s_weight = ctx.saved_tensors
+        s_chunk = _s_chunks(s, s_hidden, s_weight)
         n, v_local = z.shape
         acc = _acc_dtype(z.dtype)
         start = tp_rank(ctx.tp_group) * v_local
@@ -111,7 +118,7 @@ class _FusedCEKL(torch.autograd.Function):
             j = min(i + ctx.chunk, n)
             gc, gk = g_ce[i:j].unsqueeze(-1), g_kl[i:j].unsqueeze(-1)
             a = z[i:j].to(acc) - m_all[i:j].unsqueeze(-1)  # a'
-            q = F.logsigmoid(s[i:j].to(acc)).sub_(shift[i:j].unsqueeze(-1))  # exact, then O(1)
+            q = F.logsigmoid(s_chunk(i, j).to(acc)).sub_(shift[i:j].unsqueeze(-1))  # exact, then O(1)
             q.add_(a).sub_(c_q[i:j].unsqueeze(-1)).exp_().mul_(gk)
             p = a.sub_(c_p[i:j].unsqueeze(-1)).exp_().mul_(gc + gk)
             p.sub_(q)
@@ -120,7 +127,19 @@ class _FusedCEKL(torch.autograd.Function):
             r = rows[: j - i][in_shard]
             p[r, local[in_shard]] -= g_ce[i:j][in_shard]
             grad[i:j] = p
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None, None
+
+
+def _s_chunks(s, s_hidden, s_weight):
+    """Rows i:j of the NADO logits: a slice of ``s``, or ``s_hidden[i:j] @ s_weight.T``
+    computed on the spot (the head's output projection, never materialised for all tokens)."""
+    if s is not None:
+        return lambda i, j: s[i:j]
+
+    def chunk(i, j):
+        with torch.no_grad():
+            return s_hidden[i:j] @ s_weight.t()
+    return chunk
 
 
 def fused_ce_kl(
@@ -155,4 +174,39 @@ def fused_ce_kl(
     v = lm_logits.shape[-1]
     ce, kl, log_z = _FusedCEKL.apply(lm_logits.reshape(-1, v), nado_logits.reshape(-1, v),
                                      targets.reshape(-1), tp_group, int(chunk_tokens))
+    return ce.view(lead), kl.view(lead), log_z.view(lead)
+
+
+def fused_ce_kl_from_hidden(
+    lm_logits: torch.Tensor,
+    nado_hidden: torch.Tensor,
+    nado_weight: torch.Tensor,
+    targets: torch.Tensor,
+    tp_group: ProcessGroup = None,
+    chunk_tokens: int = 256,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`fused_ce_kl` with the NADO logits computed chunk by chunk from the head's final
+    hidden states and its (vocab-parallel, bias-free) output weight: ``s = nado_hidden @
+    nado_weight.T``. The ``[tokens, V/TP]`` NADO logits never exist at once (the projection is
+    recomputed in the backward; the head gets no gradient, as in the LM block).
+
+    Args:
+        nado_hidden: ``[..., h]``, replicated over ``tp_group`` (no sequence parallelism).
+        nado_weight: ``[V_local, h]``, this rank's rows of the head's output layer.
+    """
+    if nado_hidden.shape[:-1] != lm_logits.shape[:-1]:
+        raise ValueError(f"nado_hidden {tuple(nado_hidden.shape)} does not match lm_logits "
+                         f"{tuple(lm_logits.shape)}")
+    if nado_weight.shape != (lm_logits.shape[-1], nado_hidden.shape[-1]):
+        raise ValueError(f"nado_weight {tuple(nado_weight.shape)}: expected "
+                         f"{(lm_logits.shape[-1], nado_hidden.shape[-1])}")
+    if targets.shape != lm_logits.shape[:-1]:
+        raise ValueError(f"targets {tuple(targets.shape)} must be {tuple(lm_logits.shape[:-1])}")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens={chunk_tokens}: expected >= 1")
+    lead = targets.shape
+    v, h = lm_logits.shape[-1], nado_hidden.shape[-1]
+    ce, kl, log_z = _FusedCEKL.apply(lm_logits.reshape(-1, v), None, targets.reshape(-1),
+                                     tp_group, int(chunk_tokens),
+                                     nado_hidden.detach().reshape(-1, h), nado_weight.detach())
     return ce.view(lead), kl.view(lead), log_z.view(lead)
