@@ -500,6 +500,26 @@ def test_native_model_exports_to_a_stock_nemo(tmp_path):
     torch.testing.assert_close(z_stock[..., :z_native.shape[-1]], z_native, rtol=1e-5, atol=1e-5)
     assert one["text"] == "naïve café"
     assert one["files"] == ["native.nemo"]  # no temporary left behind
+    # acft-eval on the .nemo: the toxicity protocol with NeMo's own tokenizer, and perplexity
+    (tmp_path / "prompts.txt").write_text("you are\nthe weather\n")
+    (tmp_path / "held.txt").write_text("the weather is nice\nthanks for the help\n")
+    out = tmp_path / "eval"
+    import json
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "nemo_acft.eval.cli", "--nemo",
+                        str(tmp_path / "native.nemo"), "--prompts", str(tmp_path / "prompts.txt"),
+                        "--heldout", str(tmp_path / "held.txt"), "--out", str(out),
+                        "--samples-per-prompt", "3", "--max-new-tokens", "8",
+                        "--evaluator", "lexicon", "--method", "nemo"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(isinstance(r["continuation"], str) for r in rows)
+    m = json.loads((out / "metrics.json").read_text())
+    # random weights over 512 byte ids: perplexity near the vocabulary size, not 1, not inf
+    assert 50 < m["ppl"] < 5000 and m["num_samples"] + m["num_failed"] == 6
 
 
 def test_word_tokenizer_refuses_nemo_export():

@@ -1,5 +1,9 @@
-"""Evaluation: violation rate of sampled continuations and perplexity on held-out text."""
+"""Evaluation: violation rate and perplexity (the built-in run), the toxicity protocol (EMT,
+toxicity probability, toxic share), the zero-shot probe, and ``acft-eval``."""
 
 from nemo_acft.eval.metrics import perplexity, violation_rate
+from nemo_acft.eval.toxicity import (probe_accuracy, sample_continuations, toxicity_eval,
+                                     toxicity_metrics)
 
-__all__ = ["perplexity", "violation_rate"]
+__all__ = ["perplexity", "probe_accuracy", "sample_continuations", "toxicity_eval",
+           "toxicity_metrics", "violation_rate"]
