@@ -2,7 +2,8 @@
 two slurmd nodes, so that the two components of a heterogeneous job land on different nodes.
 
 - acft_hetjob.sbatch: completes; both sides ran in their own component (node n1 / n2), the
-  exchange holds every iteration of both, and a .nemo comes out;
+  exchange holds every iteration of both, and a .nemo comes out, which eval.sbatch then
+  evaluates (acft-eval on the .nemo);
 - acft_single.sbatch: completes with the sequential schedule and a .nemo;
 - scancel of the oracle component mid-run: the LM side fails with the clear error (not a hang),
   the job exits non-zero, and the LM side's last artifacts load with their checksums intact.
@@ -92,6 +93,21 @@ def test_hetjob_runs_the_parallel_schedule_in_two_components(cluster, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["schedule"] == "parallel" and summary["nemo"] == str(nemo)
     assert "hetjob: run_dir" in log and "LM group: exit code 0" in log
+    # eval.sbatch on that .nemo: acft-eval's toxicity protocol through stock MegatronGPTModel
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("you are\nthe weather is\n")
+    eval_dir = tmp_path / "eval"
+    q = cluster.submit_wait(str(REPO / "slurm" / "eval.sbatch"),
+                            ["--prompts", str(prompts), "--samples-per-prompt", "2",
+                             "--max-new-tokens", "8", "--evaluator", "lexicon",
+                             "--method", "acft"],
+                            {**_env(tmp_path, eval_dir), "ACFT_NEMO": str(nemo)},
+                            sbatch_args=[f"--output={tmp_path / 'eval.out'}"])
+    _job_id(q)
+    assert q.wait(600) == 0, (tmp_path / "eval.out").read_text()[-3000:]
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert metrics["method"] == "acft" and metrics["num_samples"] + metrics["num_failed"] == 4
+    assert len((eval_dir / "samples.jsonl").read_text().splitlines()) == 4
 
 
 def test_single_job_runs_the_sequential_schedule(cluster, tmp_path):
