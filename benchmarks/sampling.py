@@ -24,7 +24,6 @@ generated (it stops a sequence at EOS = 0).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -34,6 +33,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import write_results  # noqa: E402
+from nemo_acft.io_utils import save_figure  # noqa: E402
 
 
 def build(vocab, hidden, layers, heads, seq):
@@ -142,10 +144,7 @@ def plot(all_rows, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def bench_model(name, batches, new_tokens, repeats):
@@ -221,13 +220,7 @@ def main(argv=None):
             flat[f"{prefix}kv_vs_naive_speedup"] = b16[0]["speedup"]
             flat[f"{prefix}kv_vs_mcore_engine"] = b16[0]["kv_vs_mcore"]
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(flat, indent=1))
-        tmp.replace(path)
-        plot(all_rows, path.with_suffix(".png"))
-        print(f"wrote {path} and {path.with_suffix('.png')}")
+        write_results(args.json, flat, plot, all_rows)
     return flat
 
 

@@ -28,6 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import write_results  # noqa: E402
+from nemo_acft.io_utils import save_figure  # noqa: E402
+
 #: the work of one iteration: LM block and oracle block of similar length on 2 cores
 DEFAULT = ["acft.iterations=4", "finetune.steps_per_iteration=200", "acft.nado.steps=150",
            "acft.nado.prompts=512", "eval.prompts=50", "eval.samples_per_prompt=1",
@@ -61,10 +66,7 @@ def plot(res, path):
     ax.set_ylabel("wall time of K iterations (s)")
     ax.set_title(f"K = {res['iterations']}, {res['device']}", fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def main(argv=None):
@@ -98,13 +100,7 @@ def main(argv=None):
     print(f"parallel / sequential = {res['parallel_vs_sequential']:.3f}; parallel / SFT = "
           f"{res['parallel_vs_sft']:.3f}; sequential / SFT = {res['sequential_vs_sft']:.3f}")
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(res, indent=1))
-        tmp.replace(path)
-        plot(res, path.with_suffix(".png"))
-        print(f"wrote {path} and {path.with_suffix('.png')}")
+        write_results(args.json, res, plot, res)
     return res
 
 

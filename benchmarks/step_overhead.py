@@ -36,6 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import write_results  # noqa: E402
+from nemo_acft.io_utils import save_figure  # noqa: E402
+
 #: name -> (hidden, layers, heads, vocab, batch, seq)
 CPU_SIZES = {
     "tiny": (64, 2, 4, 512, 8, 64),
@@ -176,10 +179,7 @@ def plot(rows, path):
     ax.set_title(f"ACFT step overhead ({rows[0]['device']})")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def main(argv=None):
@@ -240,13 +240,7 @@ def main(argv=None):
             if key not in ("size", "device", "dtype"):
                 flat[f"{r['size']}.{key}"] = v
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(flat, indent=1))
-        tmp.replace(path)
-        plot(rows, path.with_suffix(".png"))
-        print(f"wrote {path} and {path.with_suffix('.png')}")
+        write_results(args.json, flat, plot, rows)
     return flat
 
 

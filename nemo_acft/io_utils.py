@@ -23,3 +23,12 @@ def atomic_write(path, mode: str = "w"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def save_figure(fig, path, dpi: int = 110) -> None:
+    """Save a matplotlib figure as PNG through :func:`atomic_write`, then close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_write(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=dpi)
+    plt.close(fig)

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from nemo_acft.io_utils import atomic_write
+from nemo_acft.io_utils import atomic_write, save_figure
 
 
 def _kv(pairs: List[str]) -> Dict[str, Any]:
@@ -226,10 +226,7 @@ def compare(dirs: List[str], out: Path) -> str:
            title="toxicity vs utility")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out / ".tradeoff.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out / "tradeoff.png")
+    save_figure(fig, out / "tradeoff.png")
     print(table, end="")
     return table
 

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from nemo_acft.oracles import score_robust
-from nemo_acft.sampling import SamplingParams, generate
+from nemo_acft.sampling import SamplingParams, generate_batched
 
 
 def toxicity_metrics(toxicity: Sequence[Sequence[Optional[float]]],
@@ -58,15 +58,10 @@ def sample_continuations(model, tokenizer, prompts: Sequence[str], samples_per_p
     """``samples_per_prompt`` continuations (text of the new tokens only) for each prompt;
     batch b is drawn with seed ``params.seed + b``."""
     repeated = [p for p in prompts for _ in range(samples_per_prompt)]
-    texts: List[str] = []
-    for b, i in enumerate(range(0, len(repeated), batch_size)):
-        chunk = [tokenizer.encode(p) or [tokenizer.eos_id] for p in repeated[i:i + batch_size]]
-        p = SamplingParams(**{**params.__dict__, "seed": params.seed + b})
-        out = generate(model, chunk, p, vocab_size=vocab_size, guided=guided,
-                       pad_id=tokenizer.pad_id)
-        for j in range(out.tokens.shape[0]):
-            start, end = int(out.prompt_lengths[j]), int(out.lengths[j])
-            texts.append(tokenizer.decode(out.tokens[j, start:end].tolist()))
+    out = generate_batched(model, tokenizer, repeated, params, vocab_size=vocab_size,
+                           batch_size=batch_size, guided=guided, empty_prompt_id=tokenizer.eos_id)
+    texts = [tokenizer.decode(out.tokens[j, int(out.prompt_lengths[j]):int(out.lengths[j])]
+                              .tolist()) for j in range(out.tokens.shape[0])]
     k = samples_per_prompt
     return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
 

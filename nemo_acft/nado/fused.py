@@ -166,15 +166,8 @@ def fused_ce_kl(
     if lm_logits.shape != nado_logits.shape:
         raise ValueError(f"lm_logits {tuple(lm_logits.shape)} and nado_logits "
                          f"{tuple(nado_logits.shape)} must have the same shape")
-    if targets.shape != lm_logits.shape[:-1]:
-        raise ValueError(f"targets {tuple(targets.shape)} must be {tuple(lm_logits.shape[:-1])}")
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens={chunk_tokens}: expected >= 1")
-    lead = targets.shape
     v = lm_logits.shape[-1]
-    ce, kl, log_z = _FusedCEKL.apply(lm_logits.reshape(-1, v), nado_logits.reshape(-1, v),
-                                     targets.reshape(-1), tp_group, int(chunk_tokens))
-    return ce.view(lead), kl.view(lead), log_z.view(lead)
+    return _apply(lm_logits, targets, tp_group, chunk_tokens, nado_logits.reshape(-1, v))
 
 
 def fused_ce_kl_from_hidden(
@@ -200,13 +193,20 @@ def fused_ce_kl_from_hidden(
     if nado_weight.shape != (lm_logits.shape[-1], nado_hidden.shape[-1]):
         raise ValueError(f"nado_weight {tuple(nado_weight.shape)}: expected "
                          f"{(lm_logits.shape[-1], nado_hidden.shape[-1])}")
+    h = nado_hidden.shape[-1]
+    return _apply(lm_logits, targets, tp_group, chunk_tokens, None,
+                  nado_hidden.detach().reshape(-1, h), nado_weight.detach())
+
+
+def _apply(lm_logits, targets, tp_group, chunk_tokens, s=None, s_hidden=None, s_weight=None):
+    """The checks both entry points share, then :class:`_FusedCEKL` on ``[tokens, V_local]``
+    rows; results back in ``targets``' shape."""
     if targets.shape != lm_logits.shape[:-1]:
         raise ValueError(f"targets {tuple(targets.shape)} must be {tuple(lm_logits.shape[:-1])}")
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens={chunk_tokens}: expected >= 1")
     lead = targets.shape
-    v, h = lm_logits.shape[-1], nado_hidden.shape[-1]
-    ce, kl, log_z = _FusedCEKL.apply(lm_logits.reshape(-1, v), None, targets.reshape(-1),
-                                     tp_group, int(chunk_tokens),
-                                     nado_hidden.detach().reshape(-1, h), nado_weight.detach())
+    ce, kl, log_z = _FusedCEKL.apply(lm_logits.reshape(-1, lm_logits.shape[-1]), s,
+                                     targets.reshape(-1), tp_group, int(chunk_tokens),
+                                     s_hidden, s_weight)
     return ce.view(lead), kl.view(lead), log_z.view(lead)

@@ -333,31 +333,31 @@ class DomainTextDataset(torch.utils.data.Dataset):
                  text_key: str = "text", domain_key: str = "domain"):
         index = {name: i for i, name in enumerate(domains)}
         eos = tokenizer.eos_id
-        n = len(Path(path).read_text(encoding="utf-8").splitlines())
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        n = len(lines)
         self.tokens = torch.full((n, seq_length + 1), eos, dtype=torch.long)
         self.mask = torch.zeros((n, seq_length))
         self.domain_ids = torch.zeros(n, dtype=torch.long)
         rows = 0
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no}: not JSON ({e.msg})") from None
-                text, domain = record.get(text_key), record.get(domain_key)
-                if not isinstance(text, str) or not text:
-                    raise ValueError(f"{path}:{line_no}: field {text_key!r} must be a non-empty "
-                                     "string")
-                if domain not in index:
-                    raise ValueError(f"{path}:{line_no}: {domain_key}={domain!r} is not one of "
-                                     f"model.acft.domains={domains}")
-                ids = (list(tokenizer.text_to_ids(text)) + [eos])[:seq_length + 1]
-                self.tokens[rows, :len(ids)] = torch.tensor(ids)
-                self.mask[rows, :len(ids) - 1] = 1.0
-                self.domain_ids[rows] = index[domain]
-                rows += 1
+        for line_no, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not JSON ({e.msg})") from None
+            text, domain = record.get(text_key), record.get(domain_key)
+            if not isinstance(text, str) or not text:
+                raise ValueError(f"{path}:{line_no}: field {text_key!r} must be a non-empty "
+                                 "string")
+            if domain not in index:
+                raise ValueError(f"{path}:{line_no}: {domain_key}={domain!r} is not one of "
+                                 f"model.acft.domains={domains}")
+            ids = (list(tokenizer.text_to_ids(text)) + [eos])[:seq_length + 1]
+            self.tokens[rows, :len(ids)] = torch.tensor(ids)
+            self.mask[rows, :len(ids) - 1] = 1.0
+            self.domain_ids[rows] = index[domain]
+            rows += 1
         if rows == 0:
             raise ValueError(f"{path}: no records")
         self.tokens, self.mask, self.domain_ids = (self.tokens[:rows], self.mask[:rows],

@@ -2,7 +2,7 @@
 NADO-guided (q ∝ p·R); and sampling plus oracle labelling (:func:`sample_and_label`)."""
 
 from nemo_acft.sampling.generate import Samples, SamplingParams, filter_logits, generate
-from nemo_acft.sampling.labelled import LabelledSamples, sample_and_label
+from nemo_acft.sampling.labelled import LabelledSamples, generate_batched, sample_and_label
 
 __all__ = ["LabelledSamples", "Samples", "SamplingParams", "filter_logits", "generate",
-           "sample_and_label"]
+           "generate_batched", "sample_and_label"]

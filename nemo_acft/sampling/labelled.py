@@ -31,14 +31,16 @@ class LabelledSamples:
         return sum(x < 0.5 for x in scored) / len(scored) if scored else math.nan
 
 
-def sample_and_label(model, tokenizer, prompts: Sequence[str], oracle, params: SamplingParams,
-                     *, vocab_size: int, batch_size: int, threshold: Optional[float],
-                     guided: bool = False, oracle_batch_size: int = 256) -> LabelledSamples:
-    """Sample one continuation per prompt (in batches, seed ``params.seed + batch``) and label
-    the whole texts (prompt + continuation) with the oracle."""
+def generate_batched(model, tokenizer, prompts: Sequence[str], params: SamplingParams, *,
+                     vocab_size: int, batch_size: int, guided: bool = False,
+                     empty_prompt_id: Optional[int] = None) -> Samples:
+    """One continuation per prompt, in batches (batch b drawn with seed ``params.seed + b``),
+    merged into one :class:`Samples` padded with the tokenizer's pad id. A prompt that encodes
+    to nothing becomes ``[empty_prompt_id]`` (default: the tokenizer's unk id)."""
+    empty = tokenizer.unk_id if empty_prompt_id is None else empty_prompt_id
     parts = []
     for b, i in enumerate(range(0, len(prompts), batch_size)):
-        chunk = [tokenizer.encode(p) or [tokenizer.unk_id] for p in prompts[i:i + batch_size]]
+        chunk = [tokenizer.encode(p) or [empty] for p in prompts[i:i + batch_size]]
         p = SamplingParams(**{**params.__dict__, "seed": params.seed + b})
         parts.append(generate(model, chunk, p, vocab_size=vocab_size, guided=guided,
                               pad_id=tokenizer.pad_id))
@@ -50,8 +52,17 @@ def sample_and_label(model, tokenizer, prompts: Sequence[str], oracle, params: S
             ts = [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in ts]
         return torch.cat(ts)
 
-    samples = Samples(tokens=cat("tokens", tokenizer.pad_id), prompt_lengths=cat("prompt_lengths"),
-                      lengths=cat("lengths"), logprobs=cat("logprobs"))
+    return Samples(tokens=cat("tokens", tokenizer.pad_id), prompt_lengths=cat("prompt_lengths"),
+                   lengths=cat("lengths"), logprobs=cat("logprobs"))
+
+
+def sample_and_label(model, tokenizer, prompts: Sequence[str], oracle, params: SamplingParams,
+                     *, vocab_size: int, batch_size: int, threshold: Optional[float],
+                     guided: bool = False, oracle_batch_size: int = 256) -> LabelledSamples:
+    """Sample one continuation per prompt (:func:`generate_batched`) and label the whole texts
+    (prompt + continuation) with the oracle."""
+    samples = generate_batched(model, tokenizer, prompts, params, vocab_size=vocab_size,
+                               batch_size=batch_size, guided=guided)
     texts = [tokenizer.decode(samples.tokens[i, :samples.lengths[i]].tolist())
              for i in range(samples.tokens.shape[0])]
     scores = score_robust(oracle, texts, batch_size=oracle_batch_size)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-from nemo_acft.io_utils import atomic_write
+from nemo_acft.io_utils import atomic_write, save_figure
 from nemo_acft.training.exchange import ArtifactStore
 from nemo_acft.training.run import Side, run_lm_side, run_parallel, run_sequential, side_lock
 from nemo_acft.training.setup import (build_model, ensure_pretrained, init_process, log_to_file,
@@ -109,11 +109,7 @@ def plot_iterations(path: Path, baseline: List[Dict], acft: List[Dict], schedule
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def _phase(run_dir: Path, name: str, seconds: float) -> Dict[str, float]:
