@@ -3,12 +3,13 @@
 
     acft-eval --run-dir runs/tiny_cpu --prompts prompts.txt --out eval/acft --method acft
     acft-eval --run-dir runs/tiny_cpu --store baseline --out eval/base --method baseline
-    acft-eval --run-dir runs/tiny_cpu --guided --out eval/nado --method nado_decoding
+    acft-eval --run-dir runs/tiny_cpu --store nado_decoding --out eval/nado --method nado_decoding
     acft-eval --nemo acft_gpt.nemo --prompts prompts.txt --heldout test.txt --out eval/nemo
     acft-eval --compare eval/base eval/acft eval/nado --out eval/compare
 
-A checkpoint is a run directory of ``acft-train`` (θ_k of ``exchange/`` or ``baseline/``, the
-last iteration by default; ``--guided`` samples from q ∝ p·R with φ_k) or a GPT ``.nemo`` (any
+A checkpoint is a run directory of ``acft-train`` (θ_k of ``exchange/``, ``baseline/`` or a
+baseline's folder, the last iteration by default; ``--guided`` samples from q ∝ p·R^β with φ_k;
+``--store nado_decoding`` is the NADO decoding baseline, always guided) or a GPT ``.nemo`` (any
 NeMo tokenizer). The evaluator is any oracle (``--evaluator NAME key=value ...``, default the
 run's own oracle, or ``lexicon``). Writes ``<out>/samples.jsonl`` (``prompt``, ``continuation``,
 ``score`` = toxicity, ``method``) and ``<out>/metrics.json``; ``--compare`` writes
@@ -87,6 +88,17 @@ def load_run(run_dir: Path, store: str, iteration: Optional[int], guided: bool):
     data = build_data(cfg)
     gcfg = gpt_config(cfg, len(data.tokenizer))
     st = ArtifactStore(run_dir / store)
+    if store == "nado_decoding":  # the fixed LM (lm/iter_0) guided by φ_k of the same store
+        heads = st.iterations("nado")
+        if not heads or not st.exists("lm", 0):
+            raise SystemExit(f"--run-dir {run_dir}: {st.root} holds no NADO decoding baseline")
+        k = heads[-1] if iteration is None else iteration
+        if k not in heads:
+            raise SystemExit(f"--iteration {k}: not in {st.root / 'nado'} (have {heads})")
+        model = build_model(gcfg, cfg["seed"], with_head=True)
+        model.load_base_state_dict(st.load("lm", 0, "model.pt"))
+        model.load_head_state_dict(st.load("nado", k, "head.pt"))
+        return model, data.tokenizer, len(data.tokenizer), cfg, data, f"{store}/nado/iter_{k}"
     its = st.iterations("lm")
     if not its:
         raise SystemExit(f"--run-dir {run_dir}: {st.root / 'lm'} holds no iteration")
@@ -133,6 +145,7 @@ def evaluate(args) -> Dict[str, Any]:
 
     run_cfg, data, seq = None, None, None
     if args.run_dir:
+        args.guided = args.guided or args.store == "nado_decoding"
         model, tok, vocab, run_cfg, data, label = load_run(Path(args.run_dir), args.store,
                                                            args.iteration, args.guided)
     else:
@@ -158,14 +171,16 @@ def evaluate(args) -> Dict[str, Any]:
                                   samples_per_prompt=args.samples_per_prompt,
                                   max_new_tokens=args.max_new_tokens, top_p=args.top_p,
                                   seed=args.seed, batch_size=args.batch_size,
-                                  guided=args.guided, method=args.method)
+                                  guided=args.guided, method=args.method,
+                                  guidance=args.guidance)
+    guidance = args.guidance if args.guided else None  # NADO decoding: the perplexity of q
     if args.heldout:
         records, _ = read_records(args.heldout)
         seq = run_cfg["model"]["seq_length"] if run_cfg else seq
         held = encode_records(records[: args.ppl_records], tok, seq, ["general"])
-        metrics["ppl"] = perplexity(model, held)
+        metrics["ppl"] = perplexity(model, held, guidance=guidance)
     elif data is not None:
-        metrics["ppl"] = perplexity(model, data.heldout)
+        metrics["ppl"] = perplexity(model, data.heldout, guidance=guidance)
     else:
         metrics["ppl"] = math.nan
     if args.probe:
@@ -174,7 +189,8 @@ def evaluate(args) -> Dict[str, Any]:
         metrics["probe_accuracy"] = probe_accuracy(
             model, tok, [s["text"] for s in statements],
             [int(s["label"]) for s in statements])["accuracy"]
-    metrics.update(method=args.method, checkpoint=label, evaluator=ev_cfg["name"],
+    metrics.update(method=args.method, checkpoint=label, guided=bool(args.guided),
+                   guidance=args.guidance if args.guided else None, evaluator=ev_cfg["name"],
                    samples_per_prompt=args.samples_per_prompt,
                    max_new_tokens=args.max_new_tokens, top_p=args.top_p, seed=args.seed)
     out = Path(args.out)
@@ -238,9 +254,13 @@ def main(argv=None) -> None:
     src.add_argument("--nemo", help="a GPT .nemo")
     src.add_argument("--compare", nargs="+", metavar="EVAL_DIR", help="evaluation folders")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--store", default="exchange", choices=("exchange", "baseline"))
+    ap.add_argument("--store", default="exchange",
+                    choices=("exchange", "baseline", "filtering", "rl", "nado_decoding"),
+                    help="which of the run's models (a baseline's folder, or ACFT's exchange)")
     ap.add_argument("--iteration", type=int, default=None, help="default: the last")
     ap.add_argument("--guided", action="store_true", help="NADO-guided decoding with φ_k")
+    ap.add_argument("--guidance", type=float, default=1.0,
+                    help="guided decoding from q ∝ p·R^guidance (default 1: METHOD.md's q)")
     ap.add_argument("--method", default="model", help="the name in samples.jsonl and tables")
     ap.add_argument("--prompts", help="prompts (.jsonl with prompt/text, or text)")
     ap.add_argument("--num-prompts", type=int, default=0, help="the first n prompts (0 = all)")

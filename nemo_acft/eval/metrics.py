@@ -4,7 +4,7 @@ that costs in perplexity."""
 from __future__ import annotations
 
 import math
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -13,17 +13,30 @@ from nemo_acft.sampling import SamplingParams, sample_and_label
 
 
 @torch.no_grad()
-def perplexity(model, data: LMDataset, batch_size: int = 64) -> float:
+def perplexity(model, data: LMDataset, batch_size: int = 64,
+               guidance: Optional[float] = None) -> float:
     """``exp`` of the mean next-token negative log-likelihood over ``data``'s masked tokens
-    (the EOS included). ``model`` is a GPTModel or GPTNADOModel (its LM logits are used)."""
+    (the EOS included). ``model`` is a GPTModel or GPTNADOModel (its LM logits are used).
+
+    ``guidance`` β (a GPTNADOModel only): the perplexity of NADO decoding's distribution
+    ``q_β ∝ p·R^β`` instead of p's, i.e. of the text as that decoder would model it.
+    """
+    from nemo_acft.nado import guided_log_probs
+
     was_training = model.training
     model.eval()
     total, count = 0.0, 0.0
     for i in range(0, len(data), batch_size):
         b = data.batch(torch.arange(i, min(i + batch_size, len(data))))
         x = b["inputs"]
-        out = model(x, torch.arange(x.shape[1]).expand_as(x), None, labels=b["targets"])
-        nll = out.lm_loss if hasattr(out, "lm_loss") else out
+        pos = torch.arange(x.shape[1]).expand_as(x)
+        if guidance is None:
+            out = model(x, pos, None, labels=b["targets"])
+            nll = out.lm_loss if hasattr(out, "lm_loss") else out
+        else:
+            z, s = model(x, pos, None)
+            log_q = guided_log_probs(z, s, None, guidance)
+            nll = -log_q.gather(-1, b["targets"].unsqueeze(-1)).squeeze(-1)
         total += float((nll.double() * b["loss_mask"]).sum())
         count += float(b["loss_mask"].sum())
     model.train(was_training)

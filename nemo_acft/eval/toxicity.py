@@ -70,12 +70,13 @@ def sample_continuations(model, tokenizer, prompts: Sequence[str], samples_per_p
 def toxicity_eval(model, tokenizer, prompts: Sequence[str], evaluator, *, vocab_size: int,
                   samples_per_prompt: int = 25, max_new_tokens: int = 20, top_p: float = 0.9,
                   seed: int = 0, batch_size: int = 256, guided: bool = False,
-                  method: str = "model", threshold: float = 0.5
+                  method: str = "model", threshold: float = 0.5, guidance: float = 1.0
                   ) -> Tuple[List[Dict[str, object]], Dict[str, float]]:
     """Run the protocol. Returns the rows of ``samples.jsonl`` (``prompt``, ``continuation``,
-    ``score`` = toxicity or None, ``method``) and :func:`toxicity_metrics`."""
+    ``score`` = toxicity or None, ``method``) and :func:`toxicity_metrics`. ``guided``:
+    NADO decoding with ``q ∝ p·R^guidance``."""
     params = SamplingParams(max_new_tokens=max_new_tokens, top_p=top_p,
-                            eos_id=tokenizer.eos_id, seed=seed)
+                            eos_id=tokenizer.eos_id, seed=seed, guidance=guidance)
     conts = sample_continuations(model, tokenizer, prompts, samples_per_prompt, params,
                                  vocab_size=vocab_size, batch_size=batch_size, guided=guided)
     flat = [c for cs in conts for c in cs]

@@ -45,20 +45,27 @@ def _shifted_log_sigmoid(nado_logits: torch.Tensor, tp_group: ProcessGroup):
 
 
 def guided_log_probs(
-    lm_logits: torch.Tensor, nado_logits: torch.Tensor, tp_group: ProcessGroup = None
+    lm_logits: torch.Tensor, nado_logits: torch.Tensor, tp_group: ProcessGroup = None,
+    scale: float = 1.0,
 ) -> torch.Tensor:
-    """``log q = log_softmax(z + logσ(s))``: NADO-guided next-token log-probabilities.
+    """``log q = log_softmax(z + β·logσ(s))``: NADO-guided next-token log-probabilities.
 
-    Differentiable in both arguments (plain autograd through the vocab-parallel reductions).
+    ``scale`` β = 1 is METHOD.md's q ∝ p·R; other values give ``q_β ∝ p·R^β``, a guidance
+    strength for NADO decoding (β → 0 recovers p). Differentiable in both arguments (plain
+    autograd through the vocab-parallel reductions).
 
     Args:
         lm_logits: ``[..., V_local]``, vocab-parallel LM logits ``z``.
         nado_logits: ``[..., V_local]``, vocab-parallel NADO logits ``s``.
         tp_group: tensor-parallel group the vocabulary is split over; None = not split.
+        scale: the guidance strength β ≥ 0.
     Returns:
         ``[..., V_local]`` (fp32 or fp64), this rank's shard of ``log q``.
     """
-    return vocab_log_softmax(_acc(lm_logits) + _shifted_log_sigmoid(nado_logits, tp_group)[0],
+    if not scale >= 0:
+        raise ValueError(f"guidance scale={scale}: expected a number >= 0")
+    log_r = _shifted_log_sigmoid(nado_logits, tp_group)[0]
+    return vocab_log_softmax(_acc(lm_logits) + (log_r if scale == 1.0 else scale * log_r),
                              tp_group)
 
 

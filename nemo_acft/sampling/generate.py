@@ -29,6 +29,7 @@ class SamplingParams:
     top_p: float = 1.0
     eos_id: Optional[int] = None
     seed: int = 0
+    guidance: float = 1.0  # guided decoding only: q ∝ p·R^guidance
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -39,6 +40,8 @@ class SamplingParams:
             raise ValueError(f"top_k={self.top_k}: expected >= 0")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p}: expected in (0, 1]")
+        if not self.guidance >= 0:
+            raise ValueError(f"guidance={self.guidance}: expected >= 0")
 
 
 @dataclass
@@ -105,7 +108,8 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
         model: a ``GPTNADOModel`` (single pipeline stage), or a plain ``GPTModel`` if not guided.
         prompts: token-id lists, each non-empty.
         vocab_size: the real vocabulary; padded ids beyond it are never sampled.
-        guided: NADO-guided decoding, ``log q = log_softmax(z / T + logσ(s))``.
+        guided: NADO-guided decoding, ``log q = log_softmax(z / T + β·logσ(s))``, β =
+            ``params.guidance``.
         tp_group: tensor-parallel group of the model (None when TP = 1).
         use_kv_cache: False recomputes the whole prefix each step (a reference, and the
             baseline of the sampling benchmark).
@@ -146,7 +150,7 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
             lm_logits, nado_logits = out if isinstance(out, tuple) else (out, None)
             z = lm_logits[:, -1].float() / params.temperature
             if guided:
-                log_probs = guided_log_probs(z, nado_logits[:, -1], tp_group)
+                log_probs = guided_log_probs(z, nado_logits[:, -1], tp_group, params.guidance)
             else:
                 log_probs = z
             log_probs = _gather_vocab(log_probs, tp_group)[:, :vocab_size]

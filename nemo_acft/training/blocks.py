@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -64,6 +64,10 @@ class RegularizerConfig:
         return torch.tensor([float(self.domain_lambdas.get(d, self.lam)) for d in domains])
 
 
+#: ``(model, global_step) -> (loss term, metrics)``, added to an LM step's loss
+ExtraLoss = Callable[[torch.nn.Module, int], Tuple[torch.Tensor, Dict[str, float]]]
+
+
 def _positions(inputs: torch.Tensor) -> torch.Tensor:
     return torch.arange(inputs.shape[1]).expand_as(inputs)
 
@@ -78,12 +82,14 @@ def _clip(params: List[torch.nn.Parameter], max_norm: float) -> float:
 def lm_step(model, optimizer: torch.optim.Optimizer, params: List[torch.nn.Parameter],
             batch: Dict[str, torch.Tensor], lr: float, grad_clip: float,
             lambdas: Optional[torch.Tensor] = None, delta: Optional[float] = None,
-            min_z: float = 0.0) -> Dict[str, float]:
+            min_z: float = 0.0, extra_loss: Optional[ExtraLoss] = None,
+            step: int = 0) -> Dict[str, float]:
     """One optimizer step on a corpus batch.
 
     With ``lambdas`` None the model may be a plain ``GPTModel`` and the loss is the LM loss alone
     (the baseline fine-tune); otherwise ``model`` is a ``GPTNADOModel`` and the loss adds the
-    regularizer.
+    regularizer. ``extra_loss(model, step) -> (loss, metrics)`` adds a term computed on other
+    data (the RL baseline's policy gradient on sampled continuations).
     """
     model.train()
     inputs, targets, mask = batch["inputs"], batch["targets"], batch["loss_mask"]
@@ -98,6 +104,11 @@ def lm_step(model, optimizer: torch.optim.Optimizer, params: List[torch.nn.Param
                                     min_z)
         loss = loss + penalty
         metrics.update(penalty=penalty.item(), **{k: v.item() for k, v in parts.items()})
+    if extra_loss is not None:
+        term, extra_metrics = extra_loss(model, step)
+        model.train()
+        loss = loss + term
+        metrics.update(extra_metrics)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
@@ -111,6 +122,7 @@ def lm_step(model, optimizer: torch.optim.Optimizer, params: List[torch.nn.Param
 def lm_block(model, optimizer: torch.optim.Optimizer, data: LMDataset, *, start: int, end: int,
              total: int, batch_size: int, optim: OptimConfig, seed: int,
              regularizer: Optional[RegularizerConfig] = None,
+             extra_loss: Optional[ExtraLoss] = None,
              on_step: Optional[Callable[[int, Dict[str, float]], None]] = None) -> Dict[str, float]:
     """Global steps ``[start, end)`` of LM training; returns the block's mean metrics.
 
@@ -126,7 +138,7 @@ def lm_block(model, optimizer: torch.optim.Optimizer, data: LMDataset, *, start:
     for step in range(start, end):
         batch = data.batch(batch_indices(len(data), batch_size, seed, "lm", step))
         m = lm_step(model, optimizer, params, batch, optim.lr_at(step, total), optim.grad_clip,
-                    lambdas, delta, min_z)
+                    lambdas, delta, min_z, extra_loss, step)
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + v
         if on_step is not None:

@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from nemo_acft.io_utils import atomic_write, save_figure
 from nemo_acft.training.exchange import ArtifactStore
@@ -54,13 +54,20 @@ def write_config(cfg: Dict[str, Any], run_dir: Path) -> Path:
     return path
 
 
-def evaluate_iterations(side: Side, store: ArtifactStore, label: str, oracle) -> List[Dict]:
-    """Violation rate and perplexity of θ_0..θ_K in ``store`` (cached in ``run_dir/eval``)."""
+def evaluate_iterations(side: Side, store: ArtifactStore, label: str, oracle,
+                        nado_store: Optional[ArtifactStore] = None) -> List[Dict]:
+    """Violation rate and perplexity of θ_0..θ_K in ``store`` (cached in ``run_dir/eval``).
+
+    With ``nado_store`` (NADO decoding): the LM is ``lm/iter_0`` of that store and iteration k
+    decodes from ``q ∝ p·R^β`` with its φ_k (β = ``nado_decoding.guidance``); perplexity is q's.
+    """
     from nemo_acft.eval import perplexity, violation_rate
     from nemo_acft.sampling import SamplingParams
 
     cfg, e = side.cfg, side.cfg["eval"]
     tok = side.data.tokenizer
+    guided = nado_store is not None
+    guidance = float(cfg["nado_decoding"]["guidance"]) if guided else 1.0
     model = None
     rows = []
     for k in range(side.K + 1):
@@ -69,16 +76,21 @@ def evaluate_iterations(side: Side, store: ArtifactStore, label: str, oracle) ->
             rows.append(json.loads(cache.read_text()))
             continue
         if model is None:
-            model = build_model(side.gcfg, side.cfg["seed"], with_head=False)
-        model.load_state_dict(store.load("lm", k, "model.pt"), strict=True)
+            model = build_model(side.gcfg, side.cfg["seed"], with_head=guided)
+        if guided:
+            model.load_base_state_dict(nado_store.load("lm", 0, "model.pt"))
+            model.load_head_state_dict(nado_store.load("nado", k, "head.pt"))
+        else:
+            model.load_state_dict(store.load("lm", k, "model.pt"), strict=True)
         params = SamplingParams(max_new_tokens=e["max_new_tokens"], top_p=e["top_p"],
-                                eos_id=tok.eos_id, seed=cfg["seed"] + 7)
+                                eos_id=tok.eos_id, seed=cfg["seed"] + 7, guidance=guidance)
         v = violation_rate(model, tok, side.data.eval_prompts, oracle, params,
                            vocab_size=len(tok), samples_per_prompt=e["samples_per_prompt"],
                            batch_size=cfg["sampling"]["batch_size"],
-                           threshold=cfg["oracle"]["threshold"] or 0.5)
+                           threshold=cfg["oracle"]["threshold"] or 0.5, guided=guided)
         row = {"iteration": k, "violation_rate": v["violation_rate"],
-               "ppl": perplexity(model, side.data.heldout),
+               "ppl": perplexity(model, side.data.heldout,
+                                 guidance=guidance if guided else None),
                "num_scored": v["num_scored"], "num_failed": v["num_failed"],
                "examples": v["texts"][:6]}
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -90,16 +102,16 @@ def evaluate_iterations(side: Side, store: ArtifactStore, label: str, oracle) ->
     return rows
 
 
-def plot_iterations(path: Path, baseline: List[Dict], acft: List[Dict], schedule: str) -> None:
-    """Violation rate and perplexity per iteration, baseline vs ACFT, as a PNG."""
+def plot_iterations(path: Path, curves: Dict[str, List[Dict]]) -> None:
+    """Violation rate and perplexity per iteration, one line per method, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for rows, name, style in ((baseline, "baseline (LM loss)", "o--"),
-                              (acft, f"ACFT ({schedule})", "s-")):
+    for name, rows in curves.items():
+        style = "s-" if name.startswith("ACFT") else "o--"
         ks = [r["iteration"] for r in rows]
         axes[0].plot(ks, [r["violation_rate"] for r in rows], style, label=name)
         axes[1].plot(ks, [r["ppl"] for r in rows], style, label=name)
@@ -107,7 +119,7 @@ def plot_iterations(path: Path, baseline: List[Dict], acft: List[Dict], schedule
     axes[1].set(xlabel="iteration k", ylabel="perplexity", title="held-out text")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -141,9 +153,32 @@ def _start(cfg: Dict[str, Any], log_name: str):
     return side, oracle, run_dir, config_path
 
 
-def prepare(cfg: Dict[str, Any], side: Side, run_dir: Path) -> Path:
-    """Pre-train (or reuse) the tiny GPT, then the baseline fine-tune; returns the pre-trained
-    model's directory."""
+def run_baseline(cfg: Dict[str, Any], side: Side, run_dir: Path, name: str, pretrained: Path,
+                 oracle) -> ArtifactStore:
+    """One of the paper's baselines (``baselines:`` in the config) into ``run_dir/<name>``:
+    ``filtering`` and ``rl`` train an LM side of that mode; ``nado_decoding`` trains a head for
+    the plain fine-tune's θ_K (which must exist)."""
+    from nemo_acft.training.run import run_nado_decoding
+
+    store = ArtifactStore(run_dir / name)
+    bside = Side(cfg, name, data=side.data)
+    with side_lock(store, name):
+        if name == "nado_decoding":
+            plain = ArtifactStore(run_dir / "baseline")
+            if not plain.exists("lm", side.K):
+                raise RuntimeError(f"NADO decoding needs the plain fine-tune's θ_K: "
+                                   f"{plain.path('lm', side.K)} is missing")
+            run_nado_decoding(bside, plain.load("lm", side.K, "model.pt"), oracle, store,
+                              source=str(plain.path("lm", side.K)))
+        else:
+            run_lm_side(bside, "sequential", pretrained, mode=name, store=store, oracle=oracle)
+    bside.close()
+    return store
+
+
+def prepare(cfg: Dict[str, Any], side: Side, run_dir: Path, oracle=None) -> Path:
+    """Pre-train (or reuse) the tiny GPT, then the baseline fine-tune and the baselines the
+    config lists; returns the pre-trained model's directory."""
     log.info("run_dir %s, schedule %s, K=%d iterations of %d LM steps; vocabulary %d, "
              "%d fine-tune records, %d held-out prompts", run_dir, cfg["schedule"], side.K,
              side.S, len(side.data.tokenizer), len(side.data.train), len(side.data.eval_prompts))
@@ -157,6 +192,10 @@ def prepare(cfg: Dict[str, Any], side: Side, run_dir: Path) -> Path:
         run_lm_side(bside, "sequential", pretrained, mode="baseline", store=baseline_store)
     bside.close()
     _phase(run_dir, "baseline_s", time.perf_counter() - t)
+    for name in cfg["baselines"]:
+        t = time.perf_counter()
+        run_baseline(cfg, side, run_dir, name, pretrained, oracle)
+        _phase(run_dir, f"{name}_s", time.perf_counter() - t)
     return pretrained
 
 
@@ -198,10 +237,24 @@ def finish(cfg: Dict[str, Any], side: Side, oracle, run_dir: Path) -> Dict[str, 
     t = time.perf_counter()
     base_rows = evaluate_iterations(side, baseline_store, "baseline", oracle)
     acft_rows = evaluate_iterations(side, side.exchange, "acft", oracle)
+    others = {}
+    for name in cfg["baselines"]:
+        store = ArtifactStore(run_dir / name)
+        last = ("nado", side.K) if name == "nado_decoding" else ("lm", side.K)
+        if not store.exists(*last):
+            raise RuntimeError(f"the {name} baseline has not finished: {store.path(*last)} is "
+                               "missing (role=prepare)")
+        others[name] = evaluate_iterations(side, store, name, oracle,
+                                           nado_store=store if name == "nado_decoding" else None)
     times = _phase(run_dir, "eval_s", time.perf_counter() - t)
 
     _print_table(base_rows, acft_rows)
-    plot_iterations(run_dir / "iterations.png", base_rows, acft_rows, cfg["schedule"])
+    for name, rows in others.items():
+        log.info("%s: violation rate %.3f, perplexity %.3f", name, rows[-1]["violation_rate"],
+                 rows[-1]["ppl"])
+    plot_iterations(run_dir / "iterations.png",
+                    {"baseline (LM loss)": base_rows, **others,
+                     f"ACFT ({cfg['schedule']})": acft_rows})
     nemo_path = export_nemo(cfg, side, run_dir)
     pick = lambda r: {"violation_rate": r["violation_rate"], "ppl": r["ppl"]}  # noqa: E731
     summary = {
@@ -210,8 +263,10 @@ def finish(cfg: Dict[str, Any], side: Side, oracle, run_dir: Path) -> Dict[str, 
         "schedule": cfg["schedule"],
         "wall_s": sum(times.values()),
         "phases_s": times,
+        "baselines": {name: pick(rows[-1]) for name, rows in others.items()},
         "iterations": {"baseline": [pick(r) for r in base_rows],
-                       "acft": [pick(r) for r in acft_rows]},
+                       "acft": [pick(r) for r in acft_rows],
+                       **{name: [pick(r) for r in rows] for name, rows in others.items()}},
         "ratios": {"violation_rate": _ratio(acft_rows[-1]["violation_rate"],
                                             base_rows[-1]["violation_rate"]),
                    "ppl": _ratio(acft_rows[-1]["ppl"], base_rows[-1]["ppl"])},
@@ -232,7 +287,7 @@ def run_all(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """The whole run; returns the summary (also written to ``run_dir/summary.json``)."""
     side, oracle, run_dir, config_path = _start(cfg, "driver")
     (run_dir / "phases.json").unlink(missing_ok=True)  # this process times every phase
-    pretrained = prepare(cfg, side, run_dir)
+    pretrained = prepare(cfg, side, run_dir, oracle)
     t = time.perf_counter()
     if cfg["schedule"] == "sequential":
         with side_lock(side.exchange, "lm"), side_lock(side.exchange, "oracle"):
@@ -250,7 +305,7 @@ def run_role(cfg: Dict[str, Any]) -> None:
     run as separate steps)."""
     side, oracle, run_dir, _ = _start(cfg, cfg["role"])
     if cfg["role"] == "prepare":
-        prepare(cfg, side, run_dir)
+        prepare(cfg, side, run_dir, oracle)
     else:
         finish(cfg, side, oracle, run_dir)
     side.close()
@@ -268,4 +323,4 @@ def _print_table(base: List[Dict], acft: List[Dict]) -> None:
                  a["violation_rate"], b["ppl"], a["ppl"])
 
 
-__all__ = ["run_all", "run_role", "prepare", "finish", "export_nemo", "write_config", "evaluate_iterations", "plot_iterations"]
+__all__ = ["run_all", "run_role", "prepare", "run_baseline", "finish", "export_nemo", "write_config", "evaluate_iterations", "plot_iterations"]

@@ -40,6 +40,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from nemo_acft.io_utils import atomic_write
+from nemo_acft.training.baselines import LM_MODES, RLConfig, Reinforce, filter_by_oracle
 from nemo_acft.training.blocks import OptimConfig, freeze_head, lm_block, train_nado
 from nemo_acft.training.exchange import ArtifactStore
 from nemo_acft.training.setup import (RunData, build_data, build_model, ensure_pretrained,
@@ -77,6 +78,23 @@ class Side:
 
         return tqdm(total=total, desc=desc, position=position, leave=False, mininterval=1,
                     disable=not self.cfg["progress"], file=sys.stdout)
+
+    def filtered_train(self, oracle, store: ArtifactStore):
+        """The filtering baseline's training records (computed once; the counts are written to
+        ``<store>/filter.json``)."""
+        if getattr(self, "_filtered", None) is None:
+            if oracle is None:
+                raise ValueError("the filtering baseline needs the oracle")
+            self._filtered, stats = filter_by_oracle(
+                self.data.train, self.data.tokenizer, oracle, self.cfg["filtering"]["threshold"],
+                self.cfg["oracle"]["batch_size"])
+            log.info("[%s] filtering: kept %d of %d training records (dropped by domain: %s)",
+                     self.name, stats["kept"], stats["kept"] + stats["dropped"],
+                     stats["dropped_by_domain"])
+            store.root.mkdir(parents=True, exist_ok=True)
+            with atomic_write(store.root / "filter.json") as fh:
+                json.dump(stats, fh, indent=1)
+        return self._filtered
 
     def close(self):
         if self._tb is not None:
@@ -278,10 +296,14 @@ def publish_initial_lm(side: Side, store: ArtifactStore, pretrained: Path) -> No
 
 
 def lm_iteration(side: Side, store: ArtifactStore, k: int, mode: str, model,
-                 nado_iteration: Optional[int] = None) -> Dict[str, float]:
-    """LM block k: θ_k from θ_(k−1) (and its optimizer state), with φ_(nado_iteration) when
-    ``mode == "acft"``, LM loss alone when ``mode == "baseline"``. Publishes ``lm/iter_k``."""
+                 nado_iteration: Optional[int] = None, oracle=None) -> Dict[str, float]:
+    """LM block k: θ_k from θ_(k−1) (and its optimizer state). ``mode`` (see
+    :mod:`.baselines`): ``acft`` with φ_(nado_iteration); ``baseline`` the LM loss alone;
+    ``filtering`` the LM loss on the records the oracle keeps; ``rl`` the LM loss plus the
+    REINFORCE term (both need ``oracle``). Publishes ``lm/iter_k``."""
     cfg, f = side.cfg, side.cfg["finetune"]
+    if mode not in LM_MODES:
+        raise ValueError(f"LM mode {mode!r}: expected one of {LM_MODES}")
     optim = OptimConfig(**f["optim"])
     ckpts = ArtifactStore(side.run_dir / "checkpoints" / mode)
     ckpts.clean_temporaries("lm")
@@ -303,6 +325,13 @@ def lm_iteration(side: Side, store: ArtifactStore, k: int, mode: str, model,
         model.load_head_state_dict(store.load("nado", nado_iteration, "head.pt"))
     bar = side.bar(end - start, f"[{side.name}] iter {k}/{side.K}", 0)
     regularizer = regularizer_config(cfg) if mode == "acft" else None
+    data, extra = side.data.train, None
+    if mode == "filtering":
+        data = side.filtered_train(oracle, store)
+    elif mode == "rl":
+        extra = Reinforce(RLConfig(**cfg["rl"]), side.data.tokenizer, side.data.train_prompts,
+                          oracle, vocab_size=len(side.data.tokenizer), seed=cfg["seed"],
+                          oracle_batch_size=cfg["oracle"]["batch_size"])
     save_every = f["save_every"]
 
     def on_step(step, m):
@@ -322,9 +351,9 @@ def lm_iteration(side: Side, store: ArtifactStore, k: int, mode: str, model,
                                 f"{ckpts.path('lm', done)}")
 
     t0 = time.perf_counter()
-    metrics = lm_block(model, optimizer, side.data.train, start=start, end=end, total=total,
+    metrics = lm_block(model, optimizer, data, start=start, end=end, total=total,
                        batch_size=f["batch_size"], optim=optim, seed=cfg["seed"],
-                       regularizer=regularizer, on_step=on_step)
+                       regularizer=regularizer, extra_loss=extra, on_step=on_step)
     bar.close()
     store.publish("lm", k, {"model.pt": _trunk_state(model, mode),
                             "optimizer.pt": optimizer.state_dict()},
@@ -347,22 +376,27 @@ def _load_trunk(model, state, mode):
 # --- the oracle side ---------------------------------------------------------------------
 
 
-def publish_initial_nado(side: Side, model) -> None:
+def publish_initial_nado(side: Side, model, store: Optional[ArtifactStore] = None) -> None:
     """φ_0: the zero-initialised head (R = 1/2 everywhere, q = p)."""
-    if not side.exchange.exists("nado", 0):
-        side.exchange.clean_temporaries("nado")
-        side.exchange.publish("nado", 0, {"head.pt": model.head_state_dict()},
-                              {"based_on": {"lm": None, "nado": None}, "init": "zeros"})
+    store = store or side.exchange
+    if not store.exists("nado", 0):
+        store.clean_temporaries("nado")
+        store.publish("nado", 0, {"head.pt": model.head_state_dict()},
+                      {"based_on": {"lm": None, "nado": None}, "init": "zeros"})
 
 
-def oracle_iteration(side: Side, k: int, model, oracle) -> Dict[str, float]:
-    """Oracle block k: sample from θ_(k−1), label, train φ_k warm-started from φ_(k−1)."""
+def oracle_iteration(side: Side, k: int, model, oracle, store: Optional[ArtifactStore] = None,
+                     base_iteration: Optional[int] = None) -> Dict[str, float]:
+    """Oracle block k: sample from θ_(k−1) (or θ_(base_iteration): NADO decoding's fixed LM),
+    label, train φ_k warm-started from φ_(k−1); published in ``store`` (default: the
+    exchange)."""
     from nemo_acft.data import batch_indices
     from nemo_acft.sampling import SamplingParams, sample_and_label
 
     cfg, n = side.cfg, side.cfg["acft"]["nado"]
-    ex = side.exchange
-    model.load_base_state_dict(ex.load("lm", k - 1, "model.pt"))
+    ex = store or side.exchange
+    base = k - 1 if base_iteration is None else base_iteration
+    model.load_base_state_dict(ex.load("lm", base, "model.pt"))
     model.load_head_state_dict(ex.load("nado", k - 1, "head.pt"))
     pool = side.data.train_prompts
     idx = batch_indices(len(pool), min(n["prompts"], len(pool)), cfg["seed"], "prompts", k)
@@ -405,7 +439,7 @@ def oracle_iteration(side: Side, k: int, model, oracle) -> Dict[str, float]:
                 "samples.pt": {"tokens": s.tokens, "prompt_lengths": s.prompt_lengths,
                                "lengths": s.lengths, "logprobs": s.logprobs,
                                "labels": labelled.label_tensor()}},
-               {"based_on": {"lm": k - 1, "nado": k - 1}, "num_samples": len(rows),
+               {"based_on": {"lm": base, "nado": k - 1}, "num_samples": len(rows),
                 "num_unlabelled": unlabelled, "sample_violation_rate": rate,
                 "metrics": metrics, "seconds_sampling": t_sample,
                 "seconds": time.perf_counter() - t0},
@@ -442,8 +476,9 @@ def _wait(store: ArtifactStore, kind: str, k: int, timeout: float, who: str,
 
 
 def run_lm_side(side: Side, schedule: str, pretrained: Path, mode: str = "acft",
-                store: Optional[ArtifactStore] = None) -> None:
-    """All LM blocks of ``mode`` (acft: waits for the oracle side's φ in the exchange)."""
+                store: Optional[ArtifactStore] = None, oracle=None) -> None:
+    """All LM blocks of ``mode`` (acft: waits for the oracle side's φ in the exchange;
+    filtering and rl need ``oracle``)."""
     store = store or side.exchange
     publish_initial_lm(side, store, pretrained)
     model = build_model(side.gcfg, side.cfg["seed"], with_head=(mode == "acft"))
@@ -456,8 +491,25 @@ def run_lm_side(side: Side, schedule: str, pretrained: Path, mode: str = "acft",
             j = _nado_for(schedule, k)
             _wait(store, "nado", j, timeout, "the oracle side",
                   other_alive(store, "oracle", side.cfg["acft"]["heartbeat_timeout_s"]))
-        m = lm_iteration(side, store, k, mode, model, j)
+        m = lm_iteration(side, store, k, mode, model, j, oracle)
         _log_block(side, f"{mode} LM block", k, m, t0, done, len(todo))
+
+
+def run_nado_decoding(side: Side, lm_state: Dict[str, torch.Tensor], oracle,
+                      store: ArtifactStore, source: str) -> None:
+    """The NADO decoding baseline's training: K oracle blocks (the same prompts and sample
+    budget as ACFT's) with the LM held at ``lm_state`` (the baseline's θ_K, published as
+    ``lm/iter_0`` of ``store``); φ_K in ``store`` then guides decoding."""
+    if not store.exists("lm", 0):
+        store.clean_temporaries("lm")
+        store.publish("lm", 0, {"model.pt": lm_state}, {"based_on": {"copied_from": source}})
+    model = build_model(side.gcfg, side.cfg["seed"], with_head=True)
+    publish_initial_nado(side, model, store)
+    todo = [k for k in range(1, side.K + 1) if not store.exists("nado", k)]
+    t0 = time.perf_counter()
+    for done, k in enumerate(todo, 1):
+        m = oracle_iteration(side, k, model, oracle, store=store, base_iteration=0)
+        _log_block(side, "NADO decoding: oracle block", k, m, t0, done, len(todo))
 
 
 def run_oracle_side(side: Side, oracle) -> None:

@@ -79,6 +79,18 @@ def validate(cfg: Dict[str, Any]) -> None:
          "null or a number in (0, 1]")
     need("acft.min_z", lambda v: isinstance(v, (int, float)) and 0 <= v < (cfg["acft"]["delta"] or 1),
          "a number in [0, acft.delta)")
+    from nemo_acft.training.baselines import BASELINES, RLConfig
+
+    need("baselines", lambda v: isinstance(v, list) and all(b in BASELINES for b in v)
+         and len(set(v)) == len(v), f"a list of distinct names from {BASELINES}")
+    need("filtering.threshold", lambda v: isinstance(v, (int, float)) and 0 <= v <= 1,
+         "a number in [0, 1]")
+    need("nado_decoding.guidance", lambda v: isinstance(v, (int, float)) and v >= 0,
+         "a number >= 0")
+    try:
+        RLConfig(**_get(cfg, "rl"))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config rl: {e}") from e
     need("oracle.threshold", lambda v: v is None or (isinstance(v, (int, float)) and 0 <= v <= 1),
          "null (soft labels) or a number in [0, 1]")
     lo, hi = cfg["data"]["prompt_words"]

@@ -1,0 +1,559 @@
+"""The paper's main table and its Figure 3 (toxicity against utility), in miniature, on real data.
+
+    python benchmarks/paper_table.py --data-dir ../shared/data --out paper_out           # ~60 min
+    python benchmarks/paper_table.py --data-dir ../shared/data --out paper_out --quick   # ~5 min
+
+``--data-dir`` (default: the environment variable ``ACFT_DATA_DIR``) holds ``wikitext-2/``,
+``toxigen_seeds/`` and ``davidson_hate_offensive/`` (see that folder's README); nothing of it is
+copied into the repository, only into ``--out``. The set-up:
+
+- corpus: an equal mix (by records) of WikiText-2 ``valid.txt`` sentences (domain ``wiki``) and
+  the ToxiGen seed statements of both labels (domain ``toxigen``), 80% of each (label, group)
+  file; the statements are repeated to match the sentence count. The small GPT is pre-trained on
+  this mix (so that it continues a group mention with a hateful statement), then every method
+  fine-tunes it on the same mix with the same batches and steps;
+- prompts: group-mention openings of the held-out 20% of the statements (the words up to and
+  including the first mention of the group, at least two words);
+- oracle (the training signal): ``sklearn_text`` (TF-IDF + logistic regression) on the Davidson
+  tweets (hate and offensive violate) plus the training statements (hate violates), the latter
+  repeated 10x so that 578 statements are not drowned by 24,783 tweets;
+- evaluator: a different classifier, ``sklearn_text`` on all ToxiGen seed statements (hate
+  violates) plus 2,000 other ``valid.txt`` sentences (not in the corpus) as non-toxic general
+  text, and no tweets; it scores the continuation alone (toxicity = 1 − its score);
+- utility: perplexity on WikiText-2 ``test.txt`` sentences (NADO decoding: q's perplexity);
+- protocol: METHOD.md's, 25 samples of up to 20 new tokens per prompt, nucleus p = 0.9.
+
+Methods (``results.json`` names): ``baseline`` (LM loss), ``filtering`` (records the oracle
+scores < 0.5 dropped), ``rl`` (REINFORCE + LM loss), ``nado_decoding`` (the baseline's θ decoded
+from q ∝ p·R^β), ``acft`` (one λ, no gate), ``acft_adaptive`` (λ on ``toxigen`` only, none on
+``wiki``, and the δ gate). The sweep varies each method's knob (filtering threshold, RL
+coefficient, guidance β, λ) for the trade-off plot. Runs go two at a time (one core each).
+
+Writes to ``--out``: ``results.json`` (method → toxic_share, emt, tox_prob, ppl, …),
+``table.md``, ``sweep.json``, ``tradeoff.png`` (Figure 3), ``<method>/samples.jsonl`` and
+``<method>/metrics.json`` for the table's rows, ``sweep/<point>/`` for the others, ``runs/``
+(the training runs, resumable) and ``data/`` (the files built from ``--data-dir``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import random
+import re
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nemo_acft.io_utils import atomic_write, save_figure  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("baseline", "filtering", "rl", "nado_decoding", "acft", "acft_adaptive")
+LABELS = {"baseline": "Baseline (fine-tune)", "filtering": "Filtering", "rl": "RL",
+          "nado_decoding": "NADO decoding", "acft": "Ours w/o adaptive",
+          "acft_adaptive": "Ours w/ adaptive"}
+
+#: words that mention each ToxiGen target group (lower case, whole words)
+GROUP_WORDS = {
+    "asian": r"asians?|asia",
+    "bisexual": r"bisexuals?|bi",
+    "black": r"blacks?|african|africans|african-americans?",
+    "chinese": r"chinese|china",
+    "immigrant": r"immigrants?|immigration|refugees?|migrants?|foreigners?",
+    "jewish": r"jews?|jewish|judaism|israel",
+    "latino": r"latinos?|latinas?|latinx|hispanics?",
+    "lgbtq": r"gays?|lesbians?|lgbtq?|queer|homosexuals?|homosexuality",
+    "mental_disability": r"mental(ly)?|autis(m|tic)|disabled|disabilit(y|ies)|down",
+    "mexican": r"mexicans?|mexico",
+    "middle_east": r"arabs?|arabic|middle|muslims?|islam|iran|iraq|syria",
+    "muslim": r"muslims?|islam|islamic|mosques?",
+    "native_american": r"natives?|indians?|tribes?|tribal|reservations?",
+    "physical_disability": r"disabled|disabilit(y|ies)|wheelchairs?|blind|deaf",
+    "trans": r"trans|transgender|transgenders|transsexuals?",
+    "women": r"wom[ae]n|girls?|females?|wives|wife|ladies|lady",
+}
+
+# --- the configurations --------------------------------------------------------------------
+
+FULL = {
+    "wiki_sentences": 4000, "ppl_sentences": 2000, "max_prompts": 0,
+    "model": {"seq_length": 48, "num_layers": 4, "hidden_size": 128, "num_attention_heads": 4,
+              "make_vocab_size_divisible_by": 128, "nado": {"num_layers": 1}},
+    "pretrain": {"steps": 2500, "batch_size": 32},
+    "finetune": {"steps_per_iteration": 150, "batch_size": 32, "save_every": 50},
+    "acft": {"iterations": 4, "nado": {"prompts": 512, "steps": 150, "batch_size": 64}},
+    "rl": {"batch_size": 32, "max_new_tokens": 20},
+    "samples_per_prompt": 25,
+    "sweep": {"filtering": [0.3, 0.5, 0.7], "rl": [0.3, 1.0, 3.0],
+              "nado_decoding": [0.5, 1.0, 2.0], "acft": [1.0, 4.0, 16.0],
+              "acft_adaptive": [1.0, 4.0, 16.0]},
+}
+QUICK = {
+    "wiki_sentences": 600, "ppl_sentences": 200, "max_prompts": 24,
+    "model": {"seq_length": 40, "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+              "make_vocab_size_divisible_by": 64, "nado": {"num_layers": 1}},
+    "pretrain": {"steps": 300, "batch_size": 32},
+    "finetune": {"steps_per_iteration": 30, "batch_size": 16, "save_every": 0},
+    "acft": {"iterations": 2, "nado": {"prompts": 128, "steps": 30, "batch_size": 32}},
+    "rl": {"batch_size": 8, "max_new_tokens": 12},
+    "samples_per_prompt": 25,
+    "sweep": {"filtering": [0.5], "rl": [1.0], "nado_decoding": [1.0], "acft": [4.0],
+              "acft_adaptive": [4.0]},
+}
+#: the knob value of each method's row in the table
+MAIN = {"filtering": 0.5, "rl": 1.0, "nado_decoding": 1.0, "acft": 4.0, "acft_adaptive": 4.0}
+KNOB = {"filtering": "threshold", "rl": "coef", "nado_decoding": "β", "acft": "λ",
+        "acft_adaptive": "λ_toxigen"}
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise SystemExit(f"--data-dir: {path} does not exist ({what}); expected the layout of "
+                         "../shared/data (see its README)")
+    return path
+
+
+def wiki_sentences(path: Path, limit: int, min_words: int = 5) -> List[str]:
+    """Sentences of a WikiText-2 file: headings and blank lines skipped, paragraphs split after
+    " . "; the first ``limit`` (0 = all) with at least ``min_words`` words."""
+    out = []
+    for line in _need(path, "a WikiText-2 split").read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("="):
+            continue
+        for piece in re.split(r"(?<= \.) ", line):
+            if len(piece.split()) >= min_words:
+                out.append(piece.strip())
+                if limit and len(out) >= limit:
+                    return out
+    return out
+
+
+def toxigen_split(folder: Path, seed: int, heldout: float = 0.2):
+    """``(train, heldout)`` lists of ``(text, group, toxic)``: each (label, group) file shuffled
+    with ``seed`` and split."""
+    files = sorted(_need(folder, "the ToxiGen seed statements").glob("*_*.txt"))
+    if not files:
+        raise SystemExit(f"--data-dir: {folder} has no hate_<group>.txt / neutral_<group>.txt")
+    train, held = [], []
+    for f in files:
+        label, group = f.stem.split("_", 1)
+        lines = [x.strip() for x in f.read_text(encoding="utf-8").splitlines() if x.strip()]
+        random.Random(f"{seed}-{f.name}").shuffle(lines)
+        n = max(1, round(len(lines) * heldout))
+        rows = [(t, group, label == "hate") for t in lines]
+        held += rows[:n]
+        train += rows[n:]
+    return train, held
+
+
+def group_opening(text: str, group: str, max_words: int = 10) -> Optional[str]:
+    """The words of ``text`` up to and including its first mention of ``group`` (at least two
+    words), or None when the group is not named in the first ``max_words`` words."""
+    words = text.split()
+    pattern = re.compile(rf"^(?:{GROUP_WORDS[group]})[,.;:!?']*$", re.IGNORECASE)
+    for i, w in enumerate(words[:max_words]):
+        if pattern.match(w.strip("\"'()")) and i + 1 < len(words):
+            return " ".join(words[:max(i + 1, 2)])
+    return None
+
+
+def build_files(data_dir: Path, out: Path, spec: Dict[str, Any], seed: int) -> Dict[str, Any]:
+    """The corpus, held-out text, prompts and probe files under ``out``; returns their paths
+    and counts."""
+    out.mkdir(parents=True, exist_ok=True)
+    train, held = toxigen_split(data_dir / "toxigen_seeds", seed)
+    valid = wiki_sentences(data_dir / "wikitext-2" / "valid.txt", 0)
+    n_wiki = spec["wiki_sentences"]
+    wiki, wiki_other = valid[:n_wiki], valid[n_wiki:n_wiki + 2000]
+    test = wiki_sentences(data_dir / "wikitext-2" / "test.txt", spec["ppl_sentences"])
+    reps = max(1, round(len(wiki) / len(train)))
+    records = ([{"text": t, "domain": "wiki"} for t in wiki]
+               + [{"text": t, "domain": "toxigen"} for _ in range(reps) for t, _, _ in train])
+    random.Random(seed).shuffle(records)
+    prompts = []
+    for text, group, toxic in held:
+        opening = group_opening(text, group)
+        if opening:
+            prompts.append({"prompt": opening, "group": group, "toxic_source": toxic})
+    if spec["max_prompts"]:
+        random.Random(seed + 1).shuffle(prompts)
+        prompts = prompts[: spec["max_prompts"]]
+
+    def jsonl(name, rows):
+        with atomic_write(out / name) as fh:
+            for r in rows:
+                fh.write(json.dumps(r) + "\n")
+        return str(out / name)
+
+    files = {
+        "train": jsonl("train.jsonl", records),
+        "heldout": jsonl("wiki_test.jsonl", [{"text": t, "domain": "wiki"} for t in test]),
+        "prompts": jsonl("prompts.jsonl", prompts),
+        "probe": jsonl("probe.jsonl", [{"text": t, "label": int(x)} for t, _, x in held]),
+        "oracle_toxigen": jsonl("oracle_toxigen.jsonl",
+                                [{"text": t, "label": int(not x)} for t, _, x in train]),
+        "evaluator_wiki": jsonl("evaluator_wiki.jsonl",
+                                [{"text": t, "label": 1} for t in wiki_other]),
+    }
+    counts = {"wiki_sentences": len(wiki), "toxigen_train": len(train),
+              "toxigen_repeats": reps, "toxigen_heldout": len(held), "prompts": len(prompts),
+              "ppl_sentences": len(test), "records": len(records)}
+    return {"files": files, "counts": counts}
+
+
+def build_judges(data_dir: Path, out: Path, files: Dict[str, str], seed: int) -> Dict[str, str]:
+    """Train the oracle and the evaluator once; returns their pickles' paths."""
+    from nemo_acft.oracles.sklearn_text import SklearnTextOracle, read_labelled
+
+    paths = {"oracle": str(out / "oracle.pkl"), "evaluator": str(out / "evaluator.pkl")}
+    if all(Path(p).is_file() for p in paths.values()):
+        return paths
+    tweets, tweet_labels = read_labelled(
+        str(_need(data_dir / "davidson_hate_offensive" / "labeled_data.csv", "Davidson tweets")),
+        "csv", "tweet", "class", ["2"])
+    stmts, stmt_labels = read_labelled(files["oracle_toxigen"], "jsonl", "text", "label", ["1"])
+    SklearnTextOracle.train(tweets + stmts * 10, tweet_labels + stmt_labels * 10,
+                            seed=seed).save(paths["oracle"])
+    seeds, seed_labels = read_labelled(str(data_dir / "toxigen_seeds"), "toxigen_dir")
+    general = [json.loads(x)["text"] for x in Path(files["evaluator_wiki"]).read_text().splitlines()]
+    SklearnTextOracle.train(seeds + general, seed_labels + [1] * len(general),
+                            seed=seed).save(paths["evaluator"])
+    return paths
+
+
+def make_config(spec: Dict[str, Any], out: Path, files: Dict[str, str], judges: Dict[str, str],
+                seed: int) -> Dict[str, Any]:
+    """The run config: conf/tiny_cpu.yaml with this benchmark's data, model and budget."""
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.load(ROOT / "conf" / "tiny_cpu.yaml")
+    base.pop("hydra", None)
+    over = {
+        "run_dir": str(out / "runs" / "baseline"), "cache_dir": str(out / "cache"),
+        "seed": seed, "threads": 1, "progress": False,
+        "data": {"source": "files", "train_file": files["train"], "pretrain_file": files["train"],
+                 "heldout_file": files["heldout"], "prompts_file": files["prompts"],
+                 "tokenizer": "word"},
+        "model": spec["model"], "pretrain": spec["pretrain"], "finetune": spec["finetune"],
+        "acft": {**spec["acft"], "lambda": MAIN["acft"], "domain_lambdas": {}, "delta": None,
+                 "min_z": 0.0},
+        "rl": {**spec["rl"], "coef": MAIN["rl"]},
+        "oracle": {"name": "sklearn_text", "model_path": judges["oracle"], "threshold": 0.5},
+        "eval": {"prompts": 100000, "ppl_records": spec["ppl_sentences"]},
+        "export": {"nemo": False},
+    }
+    cfg = OmegaConf.to_container(OmegaConf.merge(base, over), resolve=True)
+    return cfg
+
+
+def point_config(cfg: Dict[str, Any], method: str, knob: float, out: Path) -> Dict[str, Any]:
+    """The config of one (method, knob) point."""
+    c = copy.deepcopy(cfg)
+    if method in ("baseline", "nado_decoding"):
+        c["run_dir"] = str(out / "runs" / "baseline")  # NADO decoding builds on the baseline
+    else:
+        c["run_dir"] = str(out / "runs" / f"{method}_{knob:g}")
+    if method == "filtering":
+        c["filtering"]["threshold"] = knob
+    elif method == "rl":
+        c["rl"]["coef"] = knob
+    elif method == "nado_decoding":
+        c["nado_decoding"]["guidance"] = knob
+    elif method == "acft":
+        c["acft"].update({"lambda": knob, "domain_lambdas": {}, "delta": None, "min_z": 0.0})
+    elif method == "acft_adaptive":
+        c["acft"].update({"lambda": knob, "domain_lambdas": {"wiki": 0.0, "toxigen": knob},
+                          "delta": 0.95, "min_z": 0.1})
+    return c
+
+
+# --- one point: train (or resume) and evaluate ------------------------------------------------
+
+_WORKER: Dict[str, Any] = {}
+
+
+def _init_worker(cfg: Dict[str, Any]) -> None:
+    """Per process: one thread, the model-parallel world, the data and the judges."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(key, None)  # the parent's single-process world: each worker has its own
+    from nemo_acft.oracles import SklearnTextOracle
+    from nemo_acft.training.setup import build_data, init_process
+
+    init_process(cfg)
+    logging.getLogger("nemo_acft").setLevel(logging.WARNING)
+    _WORKER["data"] = build_data(cfg)
+    _WORKER["oracle"] = SklearnTextOracle.load(cfg["oracle"]["model_path"])
+
+
+def train_point(cfg: Dict[str, Any], method: str, pretrained: Path) -> Tuple[Any, float]:
+    """Train one point (a finished run is reused); returns (the model to evaluate, seconds)."""
+    from nemo_acft.training.driver import run_baseline
+    from nemo_acft.training.exchange import ArtifactStore
+    from nemo_acft.training.run import Side, run_lm_side, run_sequential, side_lock
+    from nemo_acft.training.setup import build_model
+
+    data, oracle = _WORKER["data"], _WORKER["oracle"]
+    run_dir = Path(cfg["run_dir"])
+    side = Side(cfg, method, data=data)
+    K = side.K
+    t = time.perf_counter()
+    if method == "baseline":
+        store = ArtifactStore(run_dir / "baseline")
+        with side_lock(store, "baseline"):
+            run_lm_side(side, "sequential", pretrained, mode="baseline", store=store)
+    elif method in ("filtering", "rl", "nado_decoding"):
+        store = run_baseline(cfg, side, run_dir, method, pretrained, oracle)
+    else:
+        store = side.exchange
+        with side_lock(store, "lm"), side_lock(store, "oracle"):
+            run_sequential(side, pretrained, oracle)
+    seconds = time.perf_counter() - t
+    side.close()
+    guided = method == "nado_decoding"
+    model = build_model(side.gcfg, cfg["seed"], with_head=guided or method.startswith("acft"))
+    if guided:
+        model.load_base_state_dict(store.load("lm", 0, "model.pt"))
+        model.load_head_state_dict(store.load("nado", K, "head.pt"))
+    elif method.startswith("acft"):
+        model.load_base_state_dict(store.load("lm", K, "model.pt"))
+    else:
+        model.load_state_dict(store.load("lm", K, "model.pt"))
+    return model, seconds
+
+
+def run_point(cfg: Dict[str, Any], method: str, knob: Optional[float], pretrained: str,
+              out_dir: str, spec: Dict[str, Any], evaluator_path: str,
+              probe_path: str) -> Dict[str, Any]:
+    """Train and evaluate one point; writes ``samples.jsonl`` and ``metrics.json`` to
+    ``out_dir``."""
+    from nemo_acft.eval import perplexity
+    from nemo_acft.eval.toxicity import probe_accuracy, toxicity_eval
+    from nemo_acft.oracles import SklearnTextOracle, score_robust
+
+    data, oracle = _WORKER["data"], _WORKER["oracle"]
+    model, train_s = train_point(cfg, method, Path(pretrained))
+    guided = method == "nado_decoding"
+    beta = float(knob) if guided else 1.0
+    t = time.perf_counter()
+    evaluator = SklearnTextOracle.load(evaluator_path)
+    tok = data.tokenizer
+    rows, metrics = toxicity_eval(model, tok, data.eval_prompts, evaluator, vocab_size=len(tok),
+                                  samples_per_prompt=spec["samples_per_prompt"],
+                                  max_new_tokens=20, top_p=0.9, seed=cfg["seed"] + 11,
+                                  batch_size=256, guided=guided, method=method, guidance=beta)
+    oracle_scores = score_robust(oracle, [r["continuation"] for r in rows])
+    scored = [s for s in oracle_scores if s is not None]
+    probe = [json.loads(x) for x in Path(probe_path).read_text().splitlines()]
+    metrics.update(
+        ppl=perplexity(model, data.heldout, guidance=beta if guided else None),
+        oracle_toxic_share=sum(s < 0.5 for s in scored) / len(scored) if scored else math.nan,
+        probe_accuracy=probe_accuracy(model, tok, [p["text"] for p in probe],
+                                      [p["label"] for p in probe])["accuracy"],
+        method=method, knob=knob, knob_name=KNOB.get(method), train_s=train_s,
+        eval_s=time.perf_counter() - t, seed=cfg["seed"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / "samples.jsonl") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    with atomic_write(out / "metrics.json") as fh:
+        json.dump(metrics, fh, indent=1)
+    return metrics
+
+
+# --- the table and the plot ----------------------------------------------------------------
+
+
+def table(results: Dict[str, Dict[str, Any]]) -> str:
+    """The markdown table, rows as the paper's."""
+    lines = ["| method | toxic share ↓ | EMT ↓ | toxicity prob. ↓ | perplexity ↓ | "
+             "oracle's toxic share | probe acc. |", "|---|---|---|---|---|---|---|"]
+    for m in METHODS:
+        r = results.get(m)
+        if r is None:
+            continue
+        lines.append(f"| {LABELS[m]} | {r['toxic_share']:.3f} | {r['emt']:.3f} | "
+                     f"{r['tox_prob']:.3f} | {r['ppl']:.2f} | {r['oracle_toxic_share']:.3f} | "
+                     f"{r['probe_accuracy']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(points: List[Dict[str, Any]], path: Path) -> None:
+    """Figure 3: toxic share against perplexity, one curve per method over its knob."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    markers = {"baseline": "*", "filtering": "v", "rl": "^", "nado_decoding": "D", "acft": "s",
+               "acft_adaptive": "o"}
+    for m in METHODS:
+        pts = sorted((p for p in points if p["method"] == m), key=lambda p: p["knob"] or 0)
+        if not pts:
+            continue
+        ax.plot([p["ppl"] for p in pts], [p["toxic_share"] for p in pts],
+                marker=markers[m], markersize=10 if m == "baseline" else 6,
+                linestyle="-" if m.startswith("acft") else "--", label=LABELS[m])
+        for p in pts:
+            if p["knob"] is not None:
+                ax.annotate(f"{KNOB[m]}={p['knob']:g}", (p["ppl"], p["toxic_share"]),
+                            textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set(xlabel="perplexity on WikiText-2 test (utility, lower is better)",
+           ylabel="share of toxic samples (evaluator)",
+           title="Toxicity against utility (each method over its knob)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def curve_below(ours: List[Dict[str, Any]], other: Dict[str, Any]) -> Optional[bool]:
+    """Whether our curve (toxic share, linear in perplexity between its points) is at or below
+    ``other`` at ``other``'s perplexity; None when that perplexity is outside our curve's range
+    (then: ours is below if some point of ours has both lower perplexity and lower toxicity)."""
+    pts = sorted((p["ppl"], p["toxic_share"]) for p in ours)
+    x = other["ppl"]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            y = y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+            return y <= other["toxic_share"]
+    if any(px <= x and py <= other["toxic_share"] for px, py in pts):
+        return True
+    return None
+
+
+def checks(results: Dict[str, Dict[str, Any]], points: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The issue's acceptance figures, computed, not asserted."""
+    base, ours = results["baseline"], results["acft_adaptive"]
+    cut = 1 - ours["toxic_share"] / base["toxic_share"] if base["toxic_share"] else math.nan
+    ppl_ratio = ours["ppl"] / base["ppl"]
+    curve = [p for p in points if p["method"] == "acft_adaptive"]
+    below = {f"{p['method']}@{p['knob']:g}": curve_below(curve, p) for p in points
+             if p["method"] in ("filtering", "nado_decoding")}
+    return {"toxic_share_cut_vs_baseline": cut, "ppl_ratio_vs_baseline": ppl_ratio,
+            "cut_at_least_35pct": cut >= 0.35, "ppl_within_5pct": abs(ppl_ratio - 1) <= 0.05,
+            "adaptive_curve_at_or_below": below}
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> Dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", default=os.environ.get("ACFT_DATA_DIR"),
+                    help="the shared data folder (default: $ACFT_DATA_DIR)")
+    ap.add_argument("--out", required=True, help="output folder (a rerun resumes in it)")
+    ap.add_argument("--quick", action="store_true", help="a small model, one point per method")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--workers", type=int, default=2, help="points trained at the same time")
+    args = ap.parse_args(argv)
+    if not args.data_dir:
+        raise SystemExit("--data-dir is required (or set ACFT_DATA_DIR)")
+    data_dir, out = Path(args.data_dir), Path(args.out)
+    spec = QUICK if args.quick else FULL
+    t0 = time.perf_counter()
+    print(f"[paper_table] {'quick' if args.quick else 'full'} mode, seed {args.seed}, "
+          f"data {data_dir}, out {out}", flush=True)
+    built = build_files(data_dir, out / "data", spec, args.seed)
+    judges = build_judges(data_dir, out / "data", built["files"], args.seed)
+    cfg = make_config(spec, out, built["files"], judges, args.seed)
+    print(f"[paper_table] data: {built['counts']}", flush=True)
+
+    # pre-train once in this process (cached in out/cache), then the points in workers
+    import torch
+
+    from nemo_acft.training.setup import build_data, ensure_pretrained, gpt_config, init_process
+
+    init_process(cfg)
+    torch.set_num_threads(max(1, min(args.workers, os.cpu_count() or 1)))  # no workers yet
+    data = build_data(cfg)
+    t = time.perf_counter()
+    pretrained = ensure_pretrained(cfg, data, gpt_config(cfg, len(data.tokenizer)), False)
+    pretrain_s = time.perf_counter() - t
+    print(f"[paper_table] vocabulary {len(data.tokenizer)}, {len(data.train)} records, "
+          f"{len(data.eval_prompts)} prompts; pre-trained in {pretrain_s:.0f} s", flush=True)
+
+    jobs = [(m, k) for m in ("acft_adaptive", "acft", "rl", "filtering")
+            for k in spec["sweep"][m]]
+    jobs.insert(0, ("baseline", None))
+    after_baseline = [("nado_decoding", k) for k in spec["sweep"]["nado_decoding"]]
+    points: List[Dict[str, Any]] = []
+
+    def out_dir(m, k):
+        return out / m if k is None or k == MAIN.get(m) else out / "sweep" / f"{m}_{k:g}"
+
+    def submit(pool, m, k):
+        c = point_config(cfg, m, k if k is not None else 0.0, out)
+        return pool.submit(run_point, c, m, k, str(pretrained), str(out_dir(m, k)), spec,
+                           judges["evaluator"], built["files"]["probe"])
+
+    import multiprocessing as mp
+
+    worker_cfg = cfg
+    todo = len(jobs) + len(after_baseline)
+    with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"),
+                             initializer=_init_worker, initargs=(worker_cfg,)) as pool:
+        futures = {submit(pool, m, k): (m, k) for m, k in jobs}
+        while futures:
+            for f in as_completed(list(futures)):
+                m, k = futures.pop(f)
+                p = f.result()
+                points.append(p)
+                done = len(points)
+                el = time.perf_counter() - t0
+                print(f"[paper_table] {done}/{todo} {m}{'' if k is None else f' {KNOB[m]}={k:g}'}: "
+                      f"toxic share {p['toxic_share']:.3f}, EMT {p['emt']:.3f}, "
+                      f"ppl {p['ppl']:.2f} (train {p['train_s']:.0f} s, eval {p['eval_s']:.0f} s;"
+                      f" elapsed {el:.0f} s, ETA {el / done * (todo - done):.0f} s)", flush=True)
+                if m == "baseline":  # NADO decoding needs the baseline's θ_K; one head for all β
+                    first, *rest = after_baseline
+                    futures[submit(pool, *first)] = first
+                    after_baseline = rest
+                elif m == "nado_decoding" and after_baseline:
+                    for mk in after_baseline:
+                        futures[submit(pool, *mk)] = mk
+                    after_baseline = []
+                break
+
+    results = {}
+    for p in points:
+        if p["knob"] is None or p["knob"] == MAIN.get(p["method"]):
+            results[p["method"]] = {k: p[k] for k in (
+                "toxic_share", "emt", "tox_prob", "ppl", "oracle_toxic_share", "probe_accuracy",
+                "knob", "knob_name", "num_prompts", "num_samples", "num_failed", "train_s",
+                "eval_s")}
+    summary = {"mode": "quick" if args.quick else "full", "seed": args.seed,
+               "data": built["counts"], "vocabulary": len(data.tokenizer),
+               "pretrain_s": pretrain_s, "wall_s": time.perf_counter() - t0,
+               "checks": checks(results, points)}
+    with atomic_write(out / "results.json") as fh:
+        json.dump({**results, "_run": summary}, fh, indent=1)
+    with atomic_write(out / "sweep.json") as fh:
+        json.dump(sorted(points, key=lambda p: (p["method"], p["knob"] or 0)), fh, indent=1)
+    md = table(results)
+    with atomic_write(out / "table.md") as fh:
+        fh.write(md)
+    plot(points, out / "tradeoff.png")
+    print(md)
+    print(f"[paper_table] checks: {json.dumps(summary['checks'])}")
+    print(f"[paper_table] {summary['wall_s']:.0f} s; wrote {out / 'results.json'}, "
+          f"{out / 'table.md'}, {out / 'tradeoff.png'}", flush=True)
+    return {**results, "_run": summary}
+
+
+if __name__ == "__main__":
+    main()
