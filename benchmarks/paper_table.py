@@ -84,12 +84,12 @@ GROUP_WORDS = {
 # --- the configurations --------------------------------------------------------------------
 
 FULL = {
-    "wiki_sentences": 4000, "ppl_sentences": 2000, "max_prompts": 0,
-    "model": {"seq_length": 48, "num_layers": 4, "hidden_size": 128, "num_attention_heads": 4,
+    "wiki_sentences": 4000, "ppl_sentences": 2000, "max_prompts": 0, "min_count": 1,
+    "model": {"seq_length": 48, "num_layers": 3, "hidden_size": 128, "num_attention_heads": 4,
               "make_vocab_size_divisible_by": 128, "nado": {"num_layers": 1}},
-    "pretrain": {"steps": 2500, "batch_size": 32},
+    "pretrain": {"steps": 1500, "batch_size": 32},
     "finetune": {"steps_per_iteration": 150, "batch_size": 32, "save_every": 50},
-    "acft": {"iterations": 4, "nado": {"prompts": 512, "steps": 150, "batch_size": 64}},
+    "acft": {"iterations": 3, "nado": {"prompts": 512, "steps": 150, "batch_size": 64}},
     "rl": {"batch_size": 32, "max_new_tokens": 20},
     "samples_per_prompt": 25,
     "sweep": {"filtering": [0.3, 0.5, 0.7], "rl": [0.3, 1.0, 3.0],
@@ -97,7 +97,7 @@ FULL = {
               "acft_adaptive": [1.0, 4.0, 16.0]},
 }
 QUICK = {
-    "wiki_sentences": 600, "ppl_sentences": 200, "max_prompts": 24,
+    "wiki_sentences": 600, "ppl_sentences": 200, "max_prompts": 24, "min_count": 1,
     "model": {"seq_length": 40, "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
               "make_vocab_size_divisible_by": 64, "nado": {"num_layers": 1}},
     "pretrain": {"steps": 300, "batch_size": 32},
@@ -245,7 +245,7 @@ def make_config(spec: Dict[str, Any], out: Path, files: Dict[str, str], judges: 
         "seed": seed, "threads": 1, "progress": False,
         "data": {"source": "files", "train_file": files["train"], "pretrain_file": files["train"],
                  "heldout_file": files["heldout"], "prompts_file": files["prompts"],
-                 "tokenizer": "word"},
+                 "tokenizer": "word", "min_count": spec["min_count"]},
         "model": spec["model"], "pretrain": spec["pretrain"], "finetune": spec["finetune"],
         "acft": {**spec["acft"], "lambda": MAIN["acft"], "domain_lambdas": {}, "delta": None,
                  "min_z": 0.0},
@@ -482,7 +482,7 @@ def main(argv=None) -> Dict[str, Any]:
     torch.set_num_threads(max(1, min(args.workers, os.cpu_count() or 1)))  # no workers yet
     data = build_data(cfg)
     t = time.perf_counter()
-    pretrained = ensure_pretrained(cfg, data, gpt_config(cfg, len(data.tokenizer)), False)
+    pretrained = ensure_pretrained(cfg, data, gpt_config(cfg, len(data.tokenizer)), True)
     pretrain_s = time.perf_counter() - t
     print(f"[paper_table] vocabulary {len(data.tokenizer)}, {len(data.train)} records, "
           f"{len(data.eval_prompts)} prompts; pre-trained in {pretrain_s:.0f} s", flush=True)

@@ -110,10 +110,11 @@ class ByteTokenizer:
             json.dump({"type": "byte-level", "vocab_size": self.vocab_size}, fh)
 
 
-def build_tokenizer(kind: str, texts: Iterable[str]):
-    """``word`` (a vocabulary built from ``texts``) or ``byte`` (NeMo's byte-level ids)."""
+def build_tokenizer(kind: str, texts: Iterable[str], min_count: int = 1):
+    """``word`` (a vocabulary of the tokens seen at least ``min_count`` times in ``texts``; the
+    rest become ``<unk>``) or ``byte`` (NeMo's byte-level ids)."""
     if kind == "word":
-        return WordTokenizer.build(texts)
+        return WordTokenizer.build(texts, min_count=min_count)
     if kind == "byte":
         return ByteTokenizer()
     raise ValueError(f"data.tokenizer={kind!r}: expected 'word' or 'byte'")

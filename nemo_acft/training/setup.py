@@ -50,6 +50,7 @@ def validate(cfg: Dict[str, Any]) -> None:
     need("role", lambda v: v in ROLES, f"one of {ROLES}")
     need("data.source", lambda v: v in ("builtin", "files"), "'builtin' or 'files'")
     need("data.tokenizer", lambda v: v in ("word", "byte"), "'word' or 'byte'")
+    need("data.min_count", lambda v: isinstance(v, int) and v >= 1, "a positive integer")
     need("export.nemo", lambda v: v in ("auto", True, False), "auto, true or false")
     if cfg["export"]["nemo"] is True and cfg["data"]["tokenizer"] != "byte":
         raise ValueError("config export.nemo=true needs data.tokenizer=byte (NeMo's byte-level "
@@ -149,7 +150,11 @@ def build_data(cfg: Dict[str, Any]) -> RunData:
                         n_bad + n_bad_pre + n_bad_held, n_bad, n_bad_pre, n_bad_held)
         names = sorted({r["domain"] for r in pre + train + ppl_records})
         prompt_source = [r["text"] for r in ppl_records]
-    tokenizer = build_tokenizer(d.get("tokenizer", "word"), [r["text"] for r in pre + train])
+    # the vocabulary's counts: each record once (the pre-training file may be the training file)
+    same = d["source"] == "files" and d["pretrain_file"] in (None, d["train_file"])
+    tokenizer = build_tokenizer(d.get("tokenizer", "word"),
+                                [r["text"] for r in (train if same else pre + train)],
+                                min_count=d.get("min_count", 1))
     seq = cfg["model"]["seq_length"]
     lo, hi = d["prompt_words"]
     if d.get("prompts_file"):
