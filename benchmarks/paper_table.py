@@ -89,7 +89,7 @@ FULL = {
               "make_vocab_size_divisible_by": 128, "nado": {"num_layers": 1}},
     "pretrain": {"steps": 1500, "batch_size": 32},
     "finetune": {"steps_per_iteration": 150, "batch_size": 32, "save_every": 50},
-    "acft": {"iterations": 3, "nado": {"prompts": 512, "steps": 150, "batch_size": 64}},
+    "acft": {"iterations": 3, "nado": {"prompts": 512, "steps": 100, "batch_size": 64}},
     "rl": {"batch_size": 32, "max_new_tokens": 20},
     "samples_per_prompt": 25,
     "sweep": {"filtering": [0.3, 0.5, 0.7], "rl": [0.3, 1.0, 3.0],
@@ -192,10 +192,12 @@ def build_files(data_dir: Path, out: Path, spec: Dict[str, Any], seed: int) -> D
         prompts = prompts[: spec["max_prompts"]]
 
     def jsonl(name, rows):
-        with atomic_write(out / name) as fh:
-            for r in rows:
-                fh.write(json.dumps(r) + "\n")
-        return str(out / name)
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        path = out / name
+        if not (path.is_file() and path.read_text() == text):  # same file: the cache key holds
+            with atomic_write(path) as fh:
+                fh.write(text)
+        return str(path)
 
     files = {
         "train": jsonl("train.jsonl", records),
@@ -343,6 +345,18 @@ def run_point(cfg: Dict[str, Any], method: str, knob: Optional[float], pretraine
     from nemo_acft.eval.toxicity import probe_accuracy, toxicity_eval
     from nemo_acft.oracles import SklearnTextOracle, score_robust
 
+    done = Path(out_dir) / "metrics.json"
+    if done.is_file():  # a rerun: this point was trained and evaluated already
+        metrics = json.loads(done.read_text())
+        if "distinct_2" not in metrics:  # written before the diversity figures existed
+            from nemo_acft.eval import diversity
+
+            rows = [json.loads(x) for x in (Path(out_dir) / "samples.jsonl").read_text()
+                    .splitlines()]
+            metrics.update(diversity([r["continuation"] for r in rows]))
+            with atomic_write(done) as fh:
+                json.dump(metrics, fh, indent=1)
+        return metrics
     data, oracle = _WORKER["data"], _WORKER["oracle"]
     model, train_s = train_point(cfg, method, Path(pretrained))
     guided = method == "nado_decoding"
@@ -380,13 +394,15 @@ def run_point(cfg: Dict[str, Any], method: str, knob: Optional[float], pretraine
 def table(results: Dict[str, Dict[str, Any]]) -> str:
     """The markdown table, rows as the paper's."""
     lines = ["| method | toxic share ↓ | EMT ↓ | toxicity prob. ↓ | perplexity ↓ | "
-             "oracle's toxic share | probe acc. |", "|---|---|---|---|---|---|---|"]
+             "oracle's toxic share | distinct-2 | repeat rate | probe acc. |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for m in METHODS:
         r = results.get(m)
         if r is None:
             continue
         lines.append(f"| {LABELS[m]} | {r['toxic_share']:.3f} | {r['emt']:.3f} | "
                      f"{r['tox_prob']:.3f} | {r['ppl']:.2f} | {r['oracle_toxic_share']:.3f} | "
+                     f"{r['distinct_2']:.3f} | {r['repeat_rate']:.3f} | "
                      f"{r['probe_accuracy']:.3f} |")
     return "\n".join(lines) + "\n"
 
@@ -437,16 +453,22 @@ def curve_below(ours: List[Dict[str, Any]], other: Dict[str, Any]) -> Optional[b
 
 
 def checks(results: Dict[str, Dict[str, Any]], points: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """The issue's acceptance figures, computed, not asserted."""
-    base, ours = results["baseline"], results["acft_adaptive"]
-    cut = 1 - ours["toxic_share"] / base["toxic_share"] if base["toxic_share"] else math.nan
-    ppl_ratio = ours["ppl"] / base["ppl"]
-    curve = [p for p in points if p["method"] == "acft_adaptive"]
-    below = {f"{p['method']}@{p['knob']:g}": curve_below(curve, p) for p in points
-             if p["method"] in ("filtering", "nado_decoding")}
-    return {"toxic_share_cut_vs_baseline": cut, "ppl_ratio_vs_baseline": ppl_ratio,
-            "cut_at_least_35pct": cut >= 0.35, "ppl_within_5pct": abs(ppl_ratio - 1) <= 0.05,
-            "adaptive_curve_at_or_below": below}
+    """The issue's acceptance figures for ours w/ adaptive, computed, not asserted (and the same
+    figures for ours w/o adaptive, for comparison). "Perplexity within 5%" is read as at most 5%
+    worse than the plain fine-tune's."""
+    base = results["baseline"]
+    out: Dict[str, Any] = {}
+    for m in ("acft_adaptive", "acft"):
+        ours = results[m]
+        cut = 1 - ours["toxic_share"] / base["toxic_share"] if base["toxic_share"] else math.nan
+        ppl_ratio = ours["ppl"] / base["ppl"]
+        curve = [p for p in points if p["method"] == m]
+        below = {f"{p['method']}@{p['knob']:g}": curve_below(curve, p) for p in points
+                 if p["method"] in ("filtering", "nado_decoding")}
+        out[m] = {"toxic_share_cut_vs_baseline": cut, "ppl_ratio_vs_baseline": ppl_ratio,
+                  "cut_at_least_35pct": cut >= 0.35, "ppl_at_most_5pct_worse": ppl_ratio <= 1.05,
+                  "curve_at_or_below": below}
+    return out
 
 
 # --- main ------------------------------------------------------------------------------------
@@ -458,6 +480,8 @@ def main(argv=None) -> Dict[str, Any]:
                     help="the shared data folder (default: $ACFT_DATA_DIR)")
     ap.add_argument("--out", required=True, help="output folder (a rerun resumes in it)")
     ap.add_argument("--quick", action="store_true", help="a small model, one point per method")
+    ap.add_argument("--main-only", action="store_true",
+                    help="only the table's points (no knob sweep): e.g. to repeat with seeds")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--workers", type=int, default=2, help="points trained at the same time")
     args = ap.parse_args(argv)
@@ -465,6 +489,8 @@ def main(argv=None) -> Dict[str, Any]:
         raise SystemExit("--data-dir is required (or set ACFT_DATA_DIR)")
     data_dir, out = Path(args.data_dir), Path(args.out)
     spec = QUICK if args.quick else FULL
+    if args.main_only:
+        spec = {**spec, "sweep": {m: [MAIN[m]] for m in MAIN}}
     t0 = time.perf_counter()
     print(f"[paper_table] {'quick' if args.quick else 'full'} mode, seed {args.seed}, "
           f"data {data_dir}, out {out}", flush=True)
@@ -534,9 +560,11 @@ def main(argv=None) -> Dict[str, Any]:
         if p["knob"] is None or p["knob"] == MAIN.get(p["method"]):
             results[p["method"]] = {k: p[k] for k in (
                 "toxic_share", "emt", "tox_prob", "ppl", "oracle_toxic_share", "probe_accuracy",
+                "distinct_2", "repeat_rate",
                 "knob", "knob_name", "num_prompts", "num_samples", "num_failed", "train_s",
                 "eval_s")}
-    summary = {"mode": "quick" if args.quick else "full", "seed": args.seed,
+    summary = {"mode": ("quick" if args.quick else "full") + (" main-only" if args.main_only else ""),
+               "seed": args.seed,
                "data": built["counts"], "vocabulary": len(data.tokenizer),
                "pretrain_s": pretrain_s, "wall_s": time.perf_counter() - t0,
                "checks": checks(results, points)}

@@ -29,6 +29,17 @@ def test_toxicity_metrics_by_hand():
     assert math.isnan(m["emt"]) and math.isnan(m["tox_prob"]) and math.isnan(m["toxic_share"])
 
 
+def test_diversity_by_hand():
+    from nemo_acft.eval import diversity
+
+    d = diversity(["in in in most", "a b c", "", "x"])
+    # bigrams: (in,in) (in,in) (in,most) (a,b) (b,c): 4 distinct of 5
+    assert d["distinct_2"] == pytest.approx(4 / 5)
+    # repeat rates: 1 - 2/4, 1 - 3/3, (empty text skipped), 1 - 1/1
+    assert d["repeat_rate"] == pytest.approx((0.5 + 0.0 + 0.0) / 3)
+    assert math.isnan(diversity([""])["distinct_2"])
+
+
 def _probe_worker(rank, world_size):
     from nemo_acft.data import WordTokenizer
     from nemo_acft.eval.toxicity import probe_accuracy

@@ -80,12 +80,17 @@ def test_quick_mode_end_to_end(tmp_path):
         assert r["emt"] == pytest.approx(sum(maxima) / len(maxima))
         assert r["tox_prob"] == pytest.approx(sum(x >= 0.5 for x in maxima) / len(maxima))
         assert r["num_prompts"] == len(maxima) == results["_run"]["data"]["prompts"]
+        words = [x["continuation"].split() for x in rows]
+        pairs = [p for w in words for p in zip(w, w[1:])]
+        assert r["distinct_2"] == pytest.approx(len(set(pairs)) / len(pairs))
     assert len([line for line in table.splitlines() if line.startswith("| ")]) == 1 + 6
+    assert "distinct-2" in table
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # NADO decoding guides the baseline's θ: another perplexity than the baseline's
     assert results["nado_decoding"]["ppl"] != pytest.approx(results["baseline"]["ppl"], rel=1e-4)
     # filtering dropped training statements, and only from the toxigen domain's hateful ones
     stats = json.loads((out / "runs" / "filtering_0.5" / "filtering" / "filter.json").read_text())
     assert stats["dropped"] > 0 and stats["dropped_by_domain"]["toxigen"] > 0
-    checks = results["_run"]["checks"]
-    assert not math.isnan(checks["toxic_share_cut_vs_baseline"])
+    checks = results["_run"]["checks"]["acft_adaptive"]
+    cut = 1 - results["acft_adaptive"]["toxic_share"] / results["baseline"]["toxic_share"]
+    assert checks["toxic_share_cut_vs_baseline"] == pytest.approx(cut)

@@ -58,3 +58,22 @@ def violation_rate(model, tokenizer, prompts: Sequence[str], oracle, params: Sam
     # labels are score >= threshold, so label < 0.5 is score < threshold
     return {"violation_rate": out.violation_rate(), "num_scored": len(out.scores) - failed,
             "num_failed": failed, "texts": out.texts, "scores": out.scores}
+
+
+def diversity(texts: Sequence[str]) -> Dict[str, float]:
+    """Degeneration of generated texts (whitespace tokens): ``distinct_2``, the unique bigrams
+    over all bigrams pooled across ``texts`` (Li et al. 2016), and ``repeat_rate``, the mean over
+    texts of ``1 − unique tokens / tokens`` (0 for a text without a repeated token). A sampler
+    that loops on a few "safe" tokens has a low distinct-2 and a high repeat rate, whatever its
+    toxicity or perplexity."""
+    bigrams, seen, rates = 0, set(), []
+    for t in texts:
+        words = t.split()
+        pairs = list(zip(words, words[1:]))
+        bigrams += len(pairs)
+        seen.update(pairs)
+        if words:
+            rates.append(1.0 - len(set(words)) / len(words))
+    return {"distinct_2": len(seen) / bigrams if bigrams else math.nan,
+            "repeat_rate": sum(rates) / len(rates) if rates else math.nan}
+

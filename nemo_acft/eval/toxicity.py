@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from nemo_acft.eval.metrics import diversity
 from nemo_acft.oracles import score_robust
 from nemo_acft.sampling import SamplingParams, generate_batched
 
@@ -73,7 +74,8 @@ def toxicity_eval(model, tokenizer, prompts: Sequence[str], evaluator, *, vocab_
                   method: str = "model", threshold: float = 0.5, guidance: float = 1.0
                   ) -> Tuple[List[Dict[str, object]], Dict[str, float]]:
     """Run the protocol. Returns the rows of ``samples.jsonl`` (``prompt``, ``continuation``,
-    ``score`` = toxicity or None, ``method``) and :func:`toxicity_metrics`. ``guided``:
+    ``score`` = toxicity or None, ``method``) and :func:`toxicity_metrics` plus the
+    continuations' :func:`~nemo_acft.eval.metrics.diversity`. ``guided``:
     NADO decoding with ``q ∝ p·R^guidance``."""
     params = SamplingParams(max_new_tokens=max_new_tokens, top_p=top_p,
                             eos_id=tokenizer.eos_id, seed=seed, guidance=guidance)
@@ -88,7 +90,7 @@ def toxicity_eval(model, tokenizer, prompts: Sequence[str], evaluator, *, vocab_
         per_prompt.append(ts)
         for c, t in zip(conts[i], ts):
             rows.append({"prompt": prompt, "continuation": c, "score": t, "method": method})
-    return rows, toxicity_metrics(per_prompt, threshold)
+    return rows, {**toxicity_metrics(per_prompt, threshold), **diversity(flat)}
 
 
 @torch.no_grad()

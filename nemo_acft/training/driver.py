@@ -161,6 +161,8 @@ def run_baseline(cfg: Dict[str, Any], side: Side, run_dir: Path, name: str, pret
     from nemo_acft.training.run import run_nado_decoding
 
     store = ArtifactStore(run_dir / name)
+    if store.exists(*(("nado", side.K) if name == "nado_decoding" else ("lm", side.K))):
+        return store  # finished: nothing to train, no lock needed (readers may share it)
     bside = Side(cfg, name, data=side.data)
     with side_lock(store, name):
         if name == "nado_decoding":
