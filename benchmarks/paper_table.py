@@ -300,40 +300,28 @@ def _init_worker(cfg: Dict[str, Any]) -> None:
     _WORKER["oracle"] = SklearnTextOracle.load(cfg["oracle"]["model_path"])
 
 
-def train_point(cfg: Dict[str, Any], method: str, pretrained: Path) -> Tuple[Any, float]:
-    """Train one point (a finished run is reused); returns (the model to evaluate, seconds)."""
+def train_point(cfg: Dict[str, Any], method: str, pretrained: Path) -> Tuple[Any, bool, float]:
+    """Train one point (a finished run is reused); returns (the model to evaluate, whether it
+    decodes guided, seconds)."""
+    from nemo_acft.eval.cli import load_trained
     from nemo_acft.training.driver import run_baseline
-    from nemo_acft.training.exchange import ArtifactStore
-    from nemo_acft.training.run import Side, run_lm_side, run_sequential, side_lock
-    from nemo_acft.training.setup import build_model
+    from nemo_acft.training.run import Side, run_sequential, side_lock
 
     data, oracle = _WORKER["data"], _WORKER["oracle"]
     run_dir = Path(cfg["run_dir"])
     side = Side(cfg, method, data=data)
-    K = side.K
     t = time.perf_counter()
-    if method == "baseline":
-        store = ArtifactStore(run_dir / "baseline")
-        with side_lock(store, "baseline"):
-            run_lm_side(side, "sequential", pretrained, mode="baseline", store=store)
-    elif method in ("filtering", "rl", "nado_decoding"):
-        store = run_baseline(cfg, side, run_dir, method, pretrained, oracle)
-    else:
-        store = side.exchange
-        with side_lock(store, "lm"), side_lock(store, "oracle"):
+    if method.startswith("acft"):
+        store = "exchange"
+        with side_lock(side.exchange, "lm"), side_lock(side.exchange, "oracle"):
             run_sequential(side, pretrained, oracle)
+    else:
+        store = method
+        run_baseline(cfg, side, run_dir, method, pretrained, oracle)
     seconds = time.perf_counter() - t
     side.close()
-    guided = method == "nado_decoding"
-    model = build_model(side.gcfg, cfg["seed"], with_head=guided or method.startswith("acft"))
-    if guided:
-        model.load_base_state_dict(store.load("lm", 0, "model.pt"))
-        model.load_head_state_dict(store.load("nado", K, "head.pt"))
-    elif method.startswith("acft"):
-        model.load_base_state_dict(store.load("lm", K, "model.pt"))
-    else:
-        model.load_state_dict(store.load("lm", K, "model.pt"))
-    return model, seconds
+    model, _, guided = load_trained(run_dir, store, side.gcfg, cfg["seed"])
+    return model, guided, seconds
 
 
 def run_point(cfg: Dict[str, Any], method: str, knob: Optional[float], pretrained: str,
@@ -342,24 +330,14 @@ def run_point(cfg: Dict[str, Any], method: str, knob: Optional[float], pretraine
     """Train and evaluate one point; writes ``samples.jsonl`` and ``metrics.json`` to
     ``out_dir``."""
     from nemo_acft.eval import perplexity
-    from nemo_acft.eval.toxicity import probe_accuracy, toxicity_eval
+    from nemo_acft.eval.toxicity import probe_accuracy, save_evaluation, toxicity_eval
     from nemo_acft.oracles import SklearnTextOracle, score_robust
 
     done = Path(out_dir) / "metrics.json"
     if done.is_file():  # a rerun: this point was trained and evaluated already
-        metrics = json.loads(done.read_text())
-        if "distinct_2" not in metrics:  # written before the diversity figures existed
-            from nemo_acft.eval import diversity
-
-            rows = [json.loads(x) for x in (Path(out_dir) / "samples.jsonl").read_text()
-                    .splitlines()]
-            metrics.update(diversity([r["continuation"] for r in rows]))
-            with atomic_write(done) as fh:
-                json.dump(metrics, fh, indent=1)
-        return metrics
+        return json.loads(done.read_text())
     data, oracle = _WORKER["data"], _WORKER["oracle"]
-    model, train_s = train_point(cfg, method, Path(pretrained))
-    guided = method == "nado_decoding"
+    model, guided, train_s = train_point(cfg, method, Path(pretrained))
     beta = float(knob) if guided else 1.0
     t = time.perf_counter()
     evaluator = SklearnTextOracle.load(evaluator_path)
@@ -378,13 +356,7 @@ def run_point(cfg: Dict[str, Any], method: str, knob: Optional[float], pretraine
                                       [p["label"] for p in probe])["accuracy"],
         method=method, knob=knob, knob_name=KNOB.get(method), train_s=train_s,
         eval_s=time.perf_counter() - t, seed=cfg["seed"])
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out / "samples.jsonl") as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
-    with atomic_write(out / "metrics.json") as fh:
-        json.dump(metrics, fh, indent=1)
+    save_evaluation(Path(out_dir), rows, metrics)
     return metrics
 
 

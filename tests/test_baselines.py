@@ -131,7 +131,6 @@ def _guided_ppl_worker(rank, world_size):
     from nemo_acft.eval import perplexity
 
     tok, model = _tiny(with_head=True)
-    V = len(tok)
     texts = ["you are an idiot", "the weather is nice today", "nice lunch today"]
     data = encode_records([{"text": t, "domain": "d"} for t in texts], tok, 16, ["d"])
     out = {}

@@ -2,7 +2,6 @@
 data in ../shared/data (or $ACFT_DATA_DIR), its metrics recomputed from the samples it wrote."""
 
 import json
-import math
 import os
 import subprocess
 import sys

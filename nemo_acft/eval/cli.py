@@ -73,12 +73,51 @@ class _NeMoTokenizer:
             return self.tok.ids_to_text(ok)
 
 
+def load_trained(run_dir: Path, store: str, gcfg, seed: int, iteration: Optional[int] = None,
+                 guided: bool = False):
+    """``(model, label, guided)`` of one trained model of a run directory: θ_k of
+    ``run_dir/<store>`` (the last iteration by default), with ACFT's φ_k when ``guided``; the
+    ``nado_decoding`` store is always guided (its fixed LM, ``lm/iter_0``, with its own φ_k).
+    An unguided model is a plain GPTModel."""
+    from nemo_acft.training.exchange import ArtifactStore
+    from nemo_acft.training.setup import build_model
+
+    st = ArtifactStore(run_dir / store)
+    if store == "nado_decoding":
+        heads = st.iterations("nado")
+        if not heads or not st.exists("lm", 0):
+            raise SystemExit(f"--run-dir {run_dir}: {st.root} holds no NADO decoding baseline")
+        k = heads[-1] if iteration is None else iteration
+        if k not in heads:
+            raise SystemExit(f"--iteration {k}: not in {st.root / 'nado'} (have {heads})")
+        model = build_model(gcfg, seed, with_head=True)
+        model.load_base_state_dict(st.load("lm", 0, "model.pt"))
+        model.load_head_state_dict(st.load("nado", k, "head.pt"))
+        return model, f"{store}/nado/iter_{k}", True
+    its = st.iterations("lm")
+    if not its:
+        raise SystemExit(f"--run-dir {run_dir}: {st.root / 'lm'} holds no iteration")
+    k = its[-1] if iteration is None else iteration
+    if k not in its:
+        raise SystemExit(f"--iteration {k}: not in {st.root / 'lm'} (have {its})")
+    model = build_model(gcfg, seed, with_head=guided)
+    if guided:
+        ex = ArtifactStore(run_dir / "exchange")
+        if not ex.exists("nado", k):
+            raise SystemExit(f"--guided: {ex.path('nado', k)} does not exist")
+        model.load_base_state_dict(st.load("lm", k, "model.pt"))
+        model.load_head_state_dict(ex.load("nado", k, "head.pt"))
+    else:
+        model.load_state_dict(st.load("lm", k, "model.pt"), strict=True)
+    return model, f"{store}/lm/iter_{k}", guided
+
+
 def load_run(run_dir: Path, store: str, iteration: Optional[int], guided: bool):
-    """(model, tokenizer, vocab_size, run config, run data, label) of a run directory."""
+    """(model, tokenizer, vocab_size, run config, run data, label, guided) of a run directory
+    (:func:`load_trained` after the run's config, process and data)."""
     import yaml
 
-    from nemo_acft.training.exchange import ArtifactStore
-    from nemo_acft.training.setup import build_data, build_model, gpt_config, init_process
+    from nemo_acft.training.setup import build_data, gpt_config, init_process
 
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
@@ -86,33 +125,9 @@ def load_run(run_dir: Path, store: str, iteration: Optional[int], guided: bool):
     cfg = yaml.safe_load(cfg_path.read_text())
     init_process(cfg)
     data = build_data(cfg)
-    gcfg = gpt_config(cfg, len(data.tokenizer))
-    st = ArtifactStore(run_dir / store)
-    if store == "nado_decoding":  # the fixed LM (lm/iter_0) guided by φ_k of the same store
-        heads = st.iterations("nado")
-        if not heads or not st.exists("lm", 0):
-            raise SystemExit(f"--run-dir {run_dir}: {st.root} holds no NADO decoding baseline")
-        k = heads[-1] if iteration is None else iteration
-        if k not in heads:
-            raise SystemExit(f"--iteration {k}: not in {st.root / 'nado'} (have {heads})")
-        model = build_model(gcfg, cfg["seed"], with_head=True)
-        model.load_base_state_dict(st.load("lm", 0, "model.pt"))
-        model.load_head_state_dict(st.load("nado", k, "head.pt"))
-        return model, data.tokenizer, len(data.tokenizer), cfg, data, f"{store}/nado/iter_{k}"
-    its = st.iterations("lm")
-    if not its:
-        raise SystemExit(f"--run-dir {run_dir}: {st.root / 'lm'} holds no iteration")
-    k = its[-1] if iteration is None else iteration
-    if k not in its:
-        raise SystemExit(f"--iteration {k}: not in {st.root / 'lm'} (have {its})")
-    model = build_model(gcfg, cfg["seed"], with_head=True)
-    model.load_base_state_dict(st.load("lm", k, "model.pt"))
-    if guided:
-        ex = ArtifactStore(run_dir / "exchange")
-        if not ex.exists("nado", k):
-            raise SystemExit(f"--guided: {ex.path('nado', k)} does not exist")
-        model.load_head_state_dict(ex.load("nado", k, "head.pt"))
-    return model, data.tokenizer, len(data.tokenizer), cfg, data, f"{store}/lm/iter_{k}"
+    model, label, guided = load_trained(run_dir, store, gpt_config(cfg, len(data.tokenizer)),
+                                        cfg["seed"], iteration, guided)
+    return model, data.tokenizer, len(data.tokenizer), cfg, data, label, guided
 
 
 def load_nemo(path: Path):
@@ -140,14 +155,13 @@ def load_nemo(path: Path):
 def evaluate(args) -> Dict[str, Any]:
     from nemo_acft.data import encode_records, read_prompts, read_records
     from nemo_acft.eval.metrics import perplexity
-    from nemo_acft.eval.toxicity import probe_accuracy, toxicity_eval
+    from nemo_acft.eval.toxicity import probe_accuracy, save_evaluation, toxicity_eval
     from nemo_acft.oracles import build_oracle
 
     run_cfg, data, seq = None, None, None
     if args.run_dir:
-        args.guided = args.guided or args.store == "nado_decoding"
-        model, tok, vocab, run_cfg, data, label = load_run(Path(args.run_dir), args.store,
-                                                           args.iteration, args.guided)
+        model, tok, vocab, run_cfg, data, label, args.guided = load_run(
+            Path(args.run_dir), args.store, args.iteration, args.guided)
     else:
         if args.guided:
             raise SystemExit("--guided needs --run-dir (the NADO head of an acft-train run)")
@@ -194,12 +208,7 @@ def evaluate(args) -> Dict[str, Any]:
                    samples_per_prompt=args.samples_per_prompt,
                    max_new_tokens=args.max_new_tokens, top_p=args.top_p, seed=args.seed)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out / "samples.jsonl") as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
-    with atomic_write(out / "metrics.json") as fh:
-        json.dump(metrics, fh, indent=1)
+    save_evaluation(out, rows, metrics)
     print(f"{args.method}: toxic share {metrics['toxic_share']:.3f}, EMT {metrics['emt']:.3f}, "
           f"toxicity probability {metrics['tox_prob']:.3f}, perplexity {metrics['ppl']:.3f} "
           f"({metrics['num_samples']} samples, {metrics['num_failed']} unscored) -> {out}")

@@ -163,12 +163,8 @@ def load_checkpoint(run_dir: Optional[str] = None, nemo: Optional[str] = None,
     if (run_dir is None) == (nemo is None):
         raise ValueError("give exactly one of run_dir and nemo")
     if run_dir is not None:
-        guided = guided or store == "nado_decoding"
-        model, tok, vocab, cfg, _, _ = load_run(Path(run_dir), store,
-                                                None if iteration is None else int(iteration),
-                                                guided)
-        if not guided:
-            model.head_enabled = False  # p alone: skip the head's layers
+        model, tok, vocab, cfg, _, _, guided = load_run(
+            Path(run_dir), store, None if iteration is None else int(iteration), guided)
         return model, tok, vocab, int(cfg["model"]["seq_length"]), guided
     if guided:
         raise ValueError("guided decoding needs a run directory (the NADO head)")

@@ -13,12 +13,15 @@ The continuation alone is scored, as in RealToxicityPrompts.
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from nemo_acft.eval.metrics import diversity
+from nemo_acft.io_utils import atomic_write
 from nemo_acft.oracles import score_robust
 from nemo_acft.sampling import SamplingParams, generate_batched
 
@@ -91,6 +94,18 @@ def toxicity_eval(model, tokenizer, prompts: Sequence[str], evaluator, *, vocab_
         for c, t in zip(conts[i], ts):
             rows.append({"prompt": prompt, "continuation": c, "score": t, "method": method})
     return rows, {**toxicity_metrics(per_prompt, threshold), **diversity(flat)}
+
+
+def save_evaluation(out: Path, rows: Sequence[Dict[str, Any]], metrics: Dict[str, Any]) -> None:
+    """``<out>/samples.jsonl`` (the rows of :func:`toxicity_eval`) and ``<out>/metrics.json``,
+    each written to a temporary name and renamed."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / "samples.jsonl") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    with atomic_write(out / "metrics.json") as fh:
+        json.dump(metrics, fh, indent=1)
 
 
 @torch.no_grad()

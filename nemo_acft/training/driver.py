@@ -155,9 +155,10 @@ def _start(cfg: Dict[str, Any], log_name: str):
 
 def run_baseline(cfg: Dict[str, Any], side: Side, run_dir: Path, name: str, pretrained: Path,
                  oracle) -> ArtifactStore:
-    """One of the paper's baselines (``baselines:`` in the config) into ``run_dir/<name>``:
-    ``filtering`` and ``rl`` train an LM side of that mode; ``nado_decoding`` trains a head for
-    the plain fine-tune's θ_K (which must exist)."""
+    """The plain fine-tune (``baseline``) or one of the paper's other baselines (``baselines:``
+    in the config) into ``run_dir/<name>``: ``baseline``, ``filtering`` and ``rl`` train an LM
+    side of that mode; ``nado_decoding`` trains a head for the plain fine-tune's θ_K (which must
+    exist)."""
     from nemo_acft.training.run import run_nado_decoding
 
     store = ArtifactStore(run_dir / name)
@@ -187,14 +188,7 @@ def prepare(cfg: Dict[str, Any], side: Side, run_dir: Path, oracle=None) -> Path
     t = time.perf_counter()
     pretrained = ensure_pretrained(cfg, side.data, side.gcfg, cfg["progress"])
     _phase(run_dir, "pretrain_s", time.perf_counter() - t)
-    t = time.perf_counter()
-    baseline_store = ArtifactStore(run_dir / "baseline")
-    bside = Side(cfg, "baseline", data=side.data)
-    with side_lock(baseline_store, "baseline"):
-        run_lm_side(bside, "sequential", pretrained, mode="baseline", store=baseline_store)
-    bside.close()
-    _phase(run_dir, "baseline_s", time.perf_counter() - t)
-    for name in cfg["baselines"]:
+    for name in ("baseline", *cfg["baselines"]):
         t = time.perf_counter()
         run_baseline(cfg, side, run_dir, name, pretrained, oracle)
         _phase(run_dir, f"{name}_s", time.perf_counter() - t)
