@@ -47,7 +47,6 @@ import random
 import re
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -84,12 +83,14 @@ GROUP_WORDS = {
 # --- the configurations --------------------------------------------------------------------
 
 FULL = {
-    "wiki_sentences": 4000, "ppl_sentences": 2000, "max_prompts": 0, "min_count": 1,
-    "model": {"seq_length": 48, "num_layers": 3, "hidden_size": 128, "num_attention_heads": 4,
-              "make_vocab_size_divisible_by": 128, "nado": {"num_layers": 1}},
-    "pretrain": {"steps": 1500, "batch_size": 32},
-    "finetune": {"steps_per_iteration": 150, "batch_size": 32, "save_every": 50},
-    "acft": {"iterations": 3, "nado": {"prompts": 512, "steps": 100, "batch_size": 64}},
+    "wiki_sentences": 4000, "ppl_sentences": 2000, "max_prompts": 0, "vocab": 8192,
+    "model": {"encoder_seq_length": 48, "num_layers": 3, "hidden_size": 128,
+              "ffn_hidden_size": 512, "num_attention_heads": 4,
+              "make_vocab_size_divisible_by": 128},
+    "head_layers": 1,
+    "pretrain": {"steps": 1500, "global_batch_size": 32},
+    "finetune": {"steps_per_iteration": 150, "global_batch_size": 32, "save_every": 50},
+    "acft": {"iterations": 3, "prompts": 512, "steps": 100, "global_batch_size": 64},
     "rl": {"batch_size": 32, "max_new_tokens": 20},
     "samples_per_prompt": 25,
     "sweep": {"filtering": [0.3, 0.5, 0.7], "rl": [0.3, 1.0, 3.0],
@@ -97,12 +98,14 @@ FULL = {
               "acft_adaptive": [1.0, 4.0, 16.0]},
 }
 QUICK = {
-    "wiki_sentences": 600, "ppl_sentences": 200, "max_prompts": 24, "min_count": 1,
-    "model": {"seq_length": 40, "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
-              "make_vocab_size_divisible_by": 64, "nado": {"num_layers": 1}},
-    "pretrain": {"steps": 300, "batch_size": 32},
-    "finetune": {"steps_per_iteration": 30, "batch_size": 16, "save_every": 0},
-    "acft": {"iterations": 2, "nado": {"prompts": 128, "steps": 30, "batch_size": 32}},
+    "wiki_sentences": 600, "ppl_sentences": 200, "max_prompts": 24, "vocab": 2048,
+    "model": {"encoder_seq_length": 40, "num_layers": 2, "hidden_size": 64,
+              "ffn_hidden_size": 256, "num_attention_heads": 4,
+              "make_vocab_size_divisible_by": 64},
+    "head_layers": 1,
+    "pretrain": {"steps": 300, "global_batch_size": 32},
+    "finetune": {"steps_per_iteration": 30, "global_batch_size": 16, "save_every": 0},
+    "acft": {"iterations": 2, "prompts": 128, "steps": 30, "global_batch_size": 32},
     "rl": {"batch_size": 8, "max_new_tokens": 12},
     "samples_per_prompt": 25,
     "sweep": {"filtering": [0.5], "rl": [1.0], "nado_decoding": [1.0], "acft": [4.0],
@@ -237,32 +240,52 @@ def build_judges(data_dir: Path, out: Path, files: Dict[str, str], seed: int) ->
 
 def make_config(spec: Dict[str, Any], out: Path, files: Dict[str, str], judges: Dict[str, str],
                 seed: int) -> Dict[str, Any]:
-    """The run config: conf/tiny_cpu.yaml with this benchmark's data, model and budget."""
+    """The run config: ``conf/tiny_cpu.yaml`` (composed by Hydra, as ``acft-train`` does) with
+    this benchmark's data, model and budget."""
+    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    base = OmegaConf.load(ROOT / "conf" / "tiny_cpu.yaml")
-    base.pop("hydra", None)
+    from nemo_acft.config import validate
+
+    a, f, p = spec["acft"], spec["finetune"], spec["pretrain"]
     over = {
         "run_dir": str(out / "runs" / "baseline"), "cache_dir": str(out / "cache"),
         "seed": seed, "threads": 1, "progress": False,
-        "data": {"source": "files", "train_file": files["train"], "pretrain_file": files["train"],
-                 "heldout_file": files["heldout"], "prompts_file": files["prompts"],
-                 "tokenizer": "word", "min_count": spec["min_count"]},
-        "model": spec["model"], "pretrain": spec["pretrain"], "finetune": spec["finetune"],
-        "acft": {**spec["acft"], "lambda": MAIN["acft"], "domain_lambdas": {}, "delta": None,
-                 "min_z": 0.0},
-        "rl": {**spec["rl"], "coef": MAIN["rl"]},
-        "oracle": {"name": "sklearn_text", "model_path": judges["oracle"], "threshold": 0.5},
-        "eval": {"prompts": 100000, "ppl_records": spec["ppl_sentences"]},
-        "export": {"nemo": False},
+        "data.source": "files", "data.train_file": files["train"],
+        "data.pretrain_file": files["train"], "data.heldout_file": files["heldout"],
+        "data.prompts_file": files["prompts"],
+        **{f"pretrain.model.{k}": v for k, v in spec["model"].items()},
+        "pretrain.steps": p["steps"], "pretrain.global_batch_size": p["global_batch_size"],
+        "pretrain.tokenizer.vocab_size": spec["vocab"],
+        "model.global_batch_size": f["global_batch_size"],
+        "model.micro_batch_size": f["global_batch_size"],
+        "model.acft.steps_per_iteration": f["steps_per_iteration"],
+        "model.acft.save_every": f["save_every"], "model.acft.iterations": a["iterations"],
+        "model.acft.nado_head.num_layers": spec["head_layers"],
+        "model.acft.oracle_block.prompts": a["prompts"],
+        "model.acft.oracle_block.steps": a["steps"],
+        "model.acft.oracle_block.global_batch_size": a["global_batch_size"],
+        "model.acft.oracle_block.micro_batch_size": a["global_batch_size"],
+        "model.acft.lambda": MAIN["acft"], "model.acft.delta": None, "model.acft.min_z": 0.0,
+        "rl.batch_size": spec["rl"]["batch_size"], "rl.max_new_tokens": spec["rl"]["max_new_tokens"],
+        "rl.coef": MAIN["rl"], "oracle.name": "sklearn_text", "oracle.threshold": 0.5,
+        "+oracle.model_path": judges["oracle"], "eval.prompts": 100000,
+        "eval.ppl_records": spec["ppl_sentences"],
     }
-    cfg = OmegaConf.to_container(OmegaConf.merge(base, over), resolve=True)
+    overrides = [f"{k}={'null' if v is None else v}" for k, v in over.items()]
+    overrides.append("model.acft.domain_lambdas={}")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = OmegaConf.to_container(compose(config_name="tiny_cpu", overrides=overrides),
+                                     resolve=True)
+    cfg.pop("hydra", None)
+    validate(cfg)
     return cfg
 
 
 def point_config(cfg: Dict[str, Any], method: str, knob: float, out: Path) -> Dict[str, Any]:
     """The config of one (method, knob) point."""
     c = copy.deepcopy(cfg)
+    a = c["model"]["acft"]
     if method in ("baseline", "nado_decoding"):
         c["run_dir"] = str(out / "runs" / "baseline")  # NADO decoding builds on the baseline
     else:
@@ -274,90 +297,77 @@ def point_config(cfg: Dict[str, Any], method: str, knob: float, out: Path) -> Di
     elif method == "nado_decoding":
         c["nado_decoding"]["guidance"] = knob
     elif method == "acft":
-        c["acft"].update({"lambda": knob, "domain_lambdas": {}, "delta": None, "min_z": 0.0})
+        a.update({"lambda": knob, "domain_lambdas": {}, "delta": None, "min_z": 0.0})
     elif method == "acft_adaptive":
-        c["acft"].update({"lambda": knob, "domain_lambdas": {"wiki": 0.0, "toxigen": knob},
-                          "delta": 0.95, "min_z": 0.1})
+        a.update({"lambda": knob, "domain_lambdas": {"wiki": 0.0, "toxigen": knob},
+                  "delta": 0.95, "min_z": 0.1})
     return c
 
 
-# --- one point: train (or resume) and evaluate ------------------------------------------------
-
-_WORKER: Dict[str, Any] = {}
+# --- one point: train (or resume) and evaluate, in a world of one process ---------------------
 
 
-def _init_worker(cfg: Dict[str, Any]) -> None:
-    """Per process: one thread, the model-parallel world, the data and the judges."""
-    os.environ["OMP_NUM_THREADS"] = "1"
-    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        os.environ.pop(key, None)  # the parent's single-process world: each worker has its own
-    from nemo_acft.oracles import SklearnTextOracle
-    from nemo_acft.training.setup import build_data, init_process
-
-    init_process(cfg)
-    logging.getLogger("nemo_acft").setLevel(logging.WARNING)
-    _WORKER["data"] = build_data(cfg)
-    _WORKER["oracle"] = SklearnTextOracle.load(cfg["oracle"]["model_path"])
-
-
-def train_point(cfg: Dict[str, Any], method: str, pretrained: Path) -> Tuple[Any, bool, float]:
-    """Train one point (a finished run is reused); returns (the model to evaluate, whether it
-    decodes guided, seconds)."""
-    from nemo_acft.eval.cli import load_trained
-    from nemo_acft.training.driver import run_baseline
-    from nemo_acft.training.run import Side, run_sequential, side_lock
-
-    data, oracle = _WORKER["data"], _WORKER["oracle"]
-    run_dir = Path(cfg["run_dir"])
-    side = Side(cfg, method, data=data)
-    t = time.perf_counter()
-    if method.startswith("acft"):
-        store = "exchange"
-        with side_lock(side.exchange, "lm"), side_lock(side.exchange, "oracle"):
-            run_sequential(side, pretrained, oracle)
-    else:
-        store = method
-        run_baseline(cfg, side, run_dir, method, pretrained, oracle)
-    seconds = time.perf_counter() - t
-    side.close()
-    model, _, guided = load_trained(run_dir, store, side.gcfg, cfg["seed"])
-    return model, guided, seconds
-
-
-def run_point(cfg: Dict[str, Any], method: str, knob: Optional[float], pretrained: str,
-              out_dir: str, spec: Dict[str, Any], evaluator_path: str,
-              probe_path: str) -> Dict[str, Any]:
-    """Train and evaluate one point; writes ``samples.jsonl`` and ``metrics.json`` to
-    ``out_dir``."""
+def point_world(cfg: Dict[str, Any], method: str, knob: Optional[float], out_dir: str,
+                spec: Dict[str, Any], evaluator_path: str, probe_path: str) -> None:
+    """Train one point (a finished run is reused) and evaluate it with the toxicity protocol;
+    writes ``samples.jsonl`` and ``metrics.json`` to ``out_dir``. Runs in its own world."""
+    from nemo_acft.algorithms.baselines import train_nado_decoding
+    from nemo_acft.algorithms.coordination import side_lock
+    from nemo_acft.algorithms.exchange import ArtifactStore
+    from nemo_acft.algorithms.phases import publish_initial_lm, run_baseline
+    from nemo_acft.algorithms.schedules import run_sequential
+    from nemo_acft.algorithms.setup import Run, model_dir
+    from nemo_acft.config import Layout
     from nemo_acft.eval import perplexity
     from nemo_acft.eval.toxicity import probe_accuracy, save_evaluation, toxicity_eval
     from nemo_acft.oracles import SklearnTextOracle, score_robust
 
-    done = Path(out_dir) / "metrics.json"
-    if done.is_file():  # a rerun: this point was trained and evaluated already
-        return json.loads(done.read_text())
-    data, oracle = _WORKER["data"], _WORKER["oracle"]
-    model, guided, train_s = train_point(cfg, method, Path(pretrained))
+    if (Path(out_dir) / "metrics.json").is_file():  # a rerun: this point is done
+        return
+    info = json.loads((model_dir(cfg) / "info.json").read_text())
+    logging.getLogger("nemo_acft").setLevel(logging.WARNING)
+    run = Run(cfg, method, Layout(1, 1, 1), restore_from=info["builtin"])
+    logging.getLogger("nemo_acft").setLevel(logging.WARNING)
+    rd, K = run.run_dir, run.K
+    t = time.perf_counter()
+    publish_initial_lm(run, {"nemo": info["builtin"]})
+    baseline = ArtifactStore(Path(cfg["run_dir"]).parent / "baseline" / "baseline")
+    guided = method == "nado_decoding"
+    if method.startswith("acft"):
+        with side_lock(run.exchange, "lm"), side_lock(run.exchange, "oracle"):
+            run_sequential(run)
+        store = run.exchange
+    elif guided:
+        store = ArtifactStore(rd / "nado_decoding")
+        with side_lock(store, "nado_decoding"):
+            train_nado_decoding(run, baseline, store)
+    else:
+        store = run_baseline(run, method)
+    train_s = time.perf_counter() - t
+    m = run.model
+    m.load_part((baseline if guided else store).verify("lm", K) / "trunk", "trunk")
+    if method.startswith("acft") or guided:
+        m.load_part(store.verify("nado", K) / "head", "head")
     beta = float(knob) if guided else 1.0
     t = time.perf_counter()
     evaluator = SklearnTextOracle.load(evaluator_path)
-    tok = data.tokenizer
-    rows, metrics = toxicity_eval(model, tok, data.eval_prompts, evaluator, vocab_size=len(tok),
+    tok = run.tokenizer
+    rows, metrics = toxicity_eval(m, tok, run.data.eval_prompts, evaluator,
                                   samples_per_prompt=spec["samples_per_prompt"],
                                   max_new_tokens=20, top_p=0.9, seed=cfg["seed"] + 11,
                                   batch_size=256, guided=guided, method=method, guidance=beta)
-    oracle_scores = score_robust(oracle, [r["continuation"] for r in rows])
-    scored = [s for s in oracle_scores if s is not None]
+    oracle_scores = score_robust(run.oracle, [r["continuation"] for r in rows])
+    scored = [x for x in oracle_scores if x is not None]
     probe = [json.loads(x) for x in Path(probe_path).read_text().splitlines()]
     metrics.update(
-        ppl=perplexity(model, data.heldout, guidance=beta if guided else None),
-        oracle_toxic_share=sum(s < 0.5 for s in scored) / len(scored) if scored else math.nan,
-        probe_accuracy=probe_accuracy(model, tok, [p["text"] for p in probe],
-                                      [p["label"] for p in probe])["accuracy"],
+        ppl=perplexity(m, run.data.heldout, guidance=beta if guided else None),
+        oracle_toxic_share=sum(x < 0.5 for x in scored) / len(scored) if scored else math.nan,
+        probe_accuracy=probe_accuracy(m, tok, [q["text"] for q in probe],
+                                      [q["label"] for q in probe])["accuracy"],
         method=method, knob=knob, knob_name=KNOB.get(method), train_s=train_s,
         eval_s=time.perf_counter() - t, seed=cfg["seed"])
     save_evaluation(Path(out_dir), rows, metrics)
-    return metrics
+    run.close()
 
 
 # --- the table and the plot ----------------------------------------------------------------
@@ -459,6 +469,11 @@ def main(argv=None) -> Dict[str, Any]:
     args = ap.parse_args(argv)
     if not args.data_dir:
         raise SystemExit("--data-dir is required (or set ACFT_DATA_DIR)")
+    from nemo_acft.algorithms.phases import PHASES
+    from nemo_acft.algorithms.setup import quiet_libraries, resolve_model_config
+    from nemo_acft.launch import run_worlds, start_worlds, wait_worlds
+
+    quiet_libraries()
     data_dir, out = Path(args.data_dir), Path(args.out)
     spec = QUICK if args.quick else FULL
     if args.main_only:
@@ -471,61 +486,53 @@ def main(argv=None) -> Dict[str, Any]:
     cfg = make_config(spec, out, built["files"], judges, args.seed)
     print(f"[paper_table] data: {built['counts']}", flush=True)
 
-    # pre-train once in this process (cached in out/cache), then the points in workers
-    import torch
-
-    from nemo_acft.training.setup import build_data, ensure_pretrained, gpt_config, init_process
-
-    init_process(cfg)
-    torch.set_num_threads(max(1, min(args.workers, os.cpu_count() or 1)))  # no workers yet
-    data = build_data(cfg)
+    # the tokenizer and the pre-trained tiny GPT once (cached in out/cache): the prepare phase
+    # of the baseline's run directory, which also trains the plain fine-tune
+    _, info = resolve_model_config(cfg)
     t = time.perf_counter()
-    pretrained = ensure_pretrained(cfg, data, gpt_config(cfg, len(data.tokenizer)), True)
+    run_worlds({"prepare": (1, PHASES["prepare"], (cfg,))})
     pretrain_s = time.perf_counter() - t
-    print(f"[paper_table] vocabulary {len(data.tokenizer)}, {len(data.train)} records, "
-          f"{len(data.eval_prompts)} prompts; pre-trained in {pretrain_s:.0f} s", flush=True)
+    print(f"[paper_table] vocabulary {info['vocab_size']}; pre-trained and fine-tuned the "
+          f"baseline in {pretrain_s:.0f} s", flush=True)
 
-    jobs = [(m, k) for m in ("acft_adaptive", "acft", "rl", "filtering")
-            for k in spec["sweep"][m]]
-    jobs.insert(0, ("baseline", None))
+    jobs = [("baseline", None)] + [(m, k) for m in ("acft_adaptive", "acft", "rl", "filtering")
+                                   for k in spec["sweep"][m]]
     after_baseline = [("nado_decoding", k) for k in spec["sweep"]["nado_decoding"]]
+    jobs = jobs[:1] + after_baseline[:1] + jobs[1:]  # the head once, before the other β
+    later = after_baseline[1:]
     points: List[Dict[str, Any]] = []
 
     def out_dir(m, k):
         return out / m if k is None or k == MAIN.get(m) else out / "sweep" / f"{m}_{k:g}"
 
-    def submit(pool, m, k):
-        c = point_config(cfg, m, k if k is not None else 0.0, out)
-        return pool.submit(run_point, c, m, k, str(pretrained), str(out_dir(m, k)), spec,
-                           judges["evaluator"], built["files"]["probe"])
-
-    import multiprocessing as mp
-
-    worker_cfg = cfg
-    todo = len(jobs) + len(after_baseline)
-    with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"),
-                             initializer=_init_worker, initargs=(worker_cfg,)) as pool:
-        futures = {submit(pool, m, k): (m, k) for m, k in jobs}
-        while futures:
-            for f in as_completed(list(futures)):
-                m, k = futures.pop(f)
-                p = f.result()
+    running: Dict[Tuple[str, Optional[float]], Any] = {}
+    todo = len(jobs) + len(later)
+    while jobs or later or running:
+        while jobs and len(running) < args.workers:
+            m, k = jobs.pop(0)
+            c = point_config(cfg, m, k if k is not None else 0.0, out)
+            resolve_model_config(c)
+            running[(m, k)] = start_worlds({f"{m}_{k}": (1, point_world, (
+                c, m, k, str(out_dir(m, k)), spec, judges["evaluator"],
+                built["files"]["probe"]))})
+        time.sleep(0.5)
+        for (m, k), procs in list(running.items()):
+            if all(p.exitcode is not None for _, _, p in procs):
+                del running[(m, k)]
+                wait_worlds(procs, logs=str(out / "runs"))
+                p = json.loads((out_dir(m, k) / "metrics.json").read_text())
                 points.append(p)
                 done = len(points)
                 el = time.perf_counter() - t0
                 print(f"[paper_table] {done}/{todo} {m}{'' if k is None else f' {KNOB[m]}={k:g}'}: "
                       f"toxic share {p['toxic_share']:.3f}, EMT {p['emt']:.3f}, "
-                      f"ppl {p['ppl']:.2f} (train {p['train_s']:.0f} s, eval {p['eval_s']:.0f} s;"
-                      f" elapsed {el:.0f} s, ETA {el / done * (todo - done):.0f} s)", flush=True)
-                if m == "baseline":  # NADO decoding needs the baseline's θ_K; one head for all β
-                    first, *rest = after_baseline
-                    futures[submit(pool, *first)] = first
-                    after_baseline = rest
-                elif m == "nado_decoding" and after_baseline:
-                    for mk in after_baseline:
-                        futures[submit(pool, *mk)] = mk
-                    after_baseline = []
-                break
+                      f"ppl {p['ppl']:.2f}, distinct-2 {p['distinct_2']:.3f}, repeat rate "
+                      f"{p['repeat_rate']:.3f} (train {p['train_s']:.0f} s, eval "
+                      f"{p['eval_s']:.0f} s; elapsed {el:.0f} s, ETA "
+                      f"{el / done * (todo - done):.0f} s)", flush=True)
+                if m == "nado_decoding" and later:  # the head exists: the other β
+                    jobs.extend(later)
+                    later = []
 
     results = {}
     for p in points:
@@ -537,7 +544,7 @@ def main(argv=None) -> Dict[str, Any]:
                 "eval_s")}
     summary = {"mode": ("quick" if args.quick else "full") + (" main-only" if args.main_only else ""),
                "seed": args.seed,
-               "data": built["counts"], "vocabulary": len(data.tokenizer),
+               "data": built["counts"], "vocabulary": info["vocab_size"],
                "pretrain_s": pretrain_s, "wall_s": time.perf_counter() - t0,
                "checks": checks(results, points)}
     with atomic_write(out / "results.json") as fh:

@@ -4,7 +4,8 @@
     python benchmarks/sampling.py                         # batch 1..64, 64 new tokens, CPU
     python benchmarks/sampling.py --batches 16 --json out.json
 
-Both run ``nemo_acft.sampling.generate`` on the same model, prompts and seed: ``use_kv_cache``
+Both run the engine's decode loop (``nemo_acft.models.generate.generate``, what
+``MegatronGPTACFTModel.generate`` runs) on the same model, prompts and seed: ``use_kv_cache``
 True (a megatron ``StaticInferenceContext``, prefill then one position per step) or False (the
 whole prefix recomputed each step). Both produce the same tokens, and the script checks it.
 Rows alternate between the two and the median of ``--repeats`` is reported. Models (``--models``),
@@ -39,18 +40,11 @@ from nemo_acft.io_utils import save_figure  # noqa: E402
 
 
 def build(vocab, hidden, layers, heads, seq):
-    from nemo_acft.models import GPTConfig, NADOHeadConfig, build_gpt_nado
+    """The engine of this shape (a non-zero one-layer head) and its megatron-core module."""
+    from benchmarks.common import engine
 
-    cfg = GPTConfig(vocab_size=vocab, seq_length=seq, num_layers=layers, hidden_size=hidden,
-                    num_attention_heads=heads, make_vocab_size_divisible_by=64,
-                    nado=NADOHeadConfig(num_layers=1))
-    torch.manual_seed(0)
-    model = build_gpt_nado(cfg)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.startswith("nado_head."):
-                p.normal_(0, 0.02)
-    return model.eval()
+    model = engine(vocab, hidden, layers, heads, seq, head_layers=1)
+    return model, model.module.eval()
 
 
 #: name -> (vocab, hidden, layers, heads, prompt length)
@@ -58,7 +52,7 @@ MODELS = {"tiny": (512, 64, 2, 4, 8), "small": (8192, 256, 4, 8, 32)}
 
 
 def run(model, batch, new_tokens, vocab, kv, guided, seed=0, prompt_len=8):
-    from nemo_acft.sampling import SamplingParams, generate
+    from nemo_acft.models.generate import SamplingParams, generate
 
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(3, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
@@ -148,15 +142,12 @@ def plot(all_rows, path):
 
 
 def bench_model(name, batches, new_tokens, repeats):
-    from nemo_acft.models import GPTConfig, build_gpt_nado
+    from benchmarks.common import plain_gpt
 
     vocab, hidden, layers, heads, prompt_len = MODELS[name]
     seq = prompt_len + new_tokens
-    model = build(vocab, hidden, layers, heads, seq)
-    torch.manual_seed(0)
-    plain = build_gpt_nado(GPTConfig(vocab_size=vocab, seq_length=seq, num_layers=layers,
-                                     hidden_size=hidden, num_attention_heads=heads,
-                                     make_vocab_size_divisible_by=64), with_head=False).eval()
+    acft, model = build(vocab, hidden, layers, heads, seq)
+    plain = plain_gpt(acft).eval()
     engine = mcore_engine(plain, vocab, max(batches), seq)
     rows = []
     for guided in (False, True):
@@ -200,9 +191,6 @@ def main(argv=None):
     ap.add_argument("--models", default="tiny,small", help=f"comma-separated, of {list(MODELS)}")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    from nemo_acft.models import init_distributed
-
-    init_distributed(tp=1, pp=1, seed=0)
     device = f"CPU, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
     batches = [int(b) for b in args.batches.split(",")]
     flat = {"device": device, "new_tokens": args.new_tokens}

@@ -1,16 +1,17 @@
 """Wall time of K iterations of plain SFT, sequential ACFT and parallel ACFT on the same work.
 
     python benchmarks/schedule.py                      # K = 4 on the tiny_cpu config
-    python benchmarks/schedule.py --repeats 2 --json out.json -- finetune.steps_per_iteration=300
+    python benchmarks/schedule.py --repeats 2 --json out.json -- model.acft.steps_per_iteration=300
 
 Each repeat runs ``acft-train`` twice in fresh run directories (one pre-trained model, cached):
 ``schedule=sequential`` and then ``schedule=parallel``, the latter with its two sides as two
 processes (on a 2-core machine, one core each). Each run times its phases in
 ``run_dir/phases.json``:
 
-- ``baseline_s``: plain SFT, K blocks of the same LM steps on the same batches;
+- ``baseline_s``: plain SFT, K blocks of the same LM steps on the same batches (the seconds
+  each LM block's manifest records);
 - ``acft_s``: the ACFT schedule, K oracle blocks and K LM blocks. For the parallel schedule this
-  includes starting both side processes (imports, building the model), as a real run pays it.
+  includes starting both worlds (forked after the imports; building the model), as a run pays it.
 
 The evaluation is left out of every figure. Medians over repeats; ratios come from one
 invocation. Extra arguments after ``--`` are Hydra overrides for every run.
@@ -34,9 +35,10 @@ from benchmarks.common import write_results  # noqa: E402
 from nemo_acft.io_utils import save_figure  # noqa: E402
 
 #: the work of one iteration: LM block and oracle block of similar length on 2 cores
-DEFAULT = ["acft.iterations=4", "finetune.steps_per_iteration=200", "acft.nado.steps=150",
-           "acft.nado.prompts=512", "eval.prompts=50", "eval.samples_per_prompt=1",
-           "eval.ppl_records=100", "progress=false", "finetune.save_every=100"]
+DEFAULT = ["model.acft.iterations=4", "model.acft.steps_per_iteration=200",
+           "model.acft.oracle_block.steps=150", "model.acft.oracle_block.prompts=512",
+           "eval.prompts=50", "eval.samples_per_prompt=1", "eval.ppl_records=100",
+           "progress=false", "model.acft.save_every=100"]
 
 
 def run(run_dir: Path, cache: Path, schedule: str, overrides):
@@ -48,6 +50,9 @@ def run(run_dir: Path, cache: Path, schedule: str, overrides):
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
     phases = json.loads((run_dir / "phases.json").read_text())
     phases["process_s"] = time.perf_counter() - t
+    # plain SFT: the plain fine-tune's K LM blocks, as their manifests time them
+    phases["baseline_s"] = sum(json.loads(m.read_text())["seconds"] for m in
+                               (run_dir / "baseline" / "lm").glob("iter_*/manifest.json"))
     return phases
 
 
@@ -88,7 +93,7 @@ def main(argv=None):
         print(f"repeat {r}: SFT {a['baseline_s']:.1f}/{b['baseline_s']:.1f} s, sequential ACFT "
               f"{a['acft_s']:.1f} s, parallel ACFT {b['acft_s']:.1f} s", flush=True)
     k = next(int(o.split("=")[1]) for o in [*DEFAULT, *args.overrides]
-             if o.startswith("acft.iterations="))
+             if o.startswith("model.acft.iterations="))
     res = {"device": f"CPU, {os.cpu_count()} cores", "iterations": k,
            "sft_s": statistics.median(sft), "sequential_s": statistics.median(seq),
            "parallel_s": statistics.median(par)}

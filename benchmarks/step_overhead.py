@@ -4,12 +4,12 @@
     python benchmarks/step_overhead.py --sizes tiny --repeats 5 --json out.json
     python benchmarks/step_overhead.py --device cuda        # bf16 ~1B GPT, 32k and 128k vocab
 
-Variants, each a real optimizer step (``nemo_acft.training.blocks.lm_step``: forward, loss,
-backward, gradient clipping, AdamW):
+Variants, each a real optimizer step of the engine (``MegatronGPTACFTModel.lm_step``: forward
+and backward in megatron-core's schedule, loss, gradient clipping, NeMo's AdamW):
 
-- ``sft``: megatron-core ``GPTModel``; its own loss path (``vocab_parallel_cross_entropy``);
-- ``acft``: ``GPTNADOModel`` with a frozen NADO head (one transformer layer) and the fused
-  chunked CE + KL (``loss_chunk_tokens``), plus λ · gated KL (``kl_penalty``);
+- ``sft``: the LM loss alone (the head switched off: the trunk's forward and the CE);
+- ``acft``: with the frozen NADO head (one transformer layer) and the fused chunked CE + KL
+  (``loss_chunk_tokens``), plus λ · gated KL (``kl_penalty``);
 - ``acft_unfused``: the same with ``loss_chunk_tokens=0`` (autograd through ``cross_entropy``
   and ``closed_form_kl``).
 
@@ -53,37 +53,27 @@ VARIANTS = ("sft", "acft", "acft_unfused")
 
 
 def build(size, variant, device, dtype):
-    from nemo_acft.models import GPTConfig, NADOHeadConfig, build_gpt_nado
-    from nemo_acft.training.blocks import freeze_head
+    from benchmarks.common import engine
 
     hidden, layers, heads, vocab, batch, seq = size
-    cfg = GPTConfig(vocab_size=vocab, seq_length=seq, num_layers=layers, hidden_size=hidden,
-                    num_attention_heads=heads, make_vocab_size_divisible_by=128,
-                    params_dtype=dtype,
-                    nado=NADOHeadConfig(num_layers=1,
-                                        loss_chunk_tokens=0 if variant == "acft_unfused" else 256))
-    torch.manual_seed(0)
-    model = build_gpt_nado(cfg, with_head=variant != "sft").to(device)
-    params = freeze_head(model) if variant != "sft" else list(model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    precision = "bf16" if dtype == "bfloat16" else 32
+    model = engine(vocab, hidden, layers, heads, seq, head_layers=1,
+                   chunk=0 if variant == "acft_unfused" else 256, precision=precision,
+                   device=device)
+    model.configure_training("trunk", {"name": "adamw", "lr": 1e-4, "weight_decay": 0.0},
+                             max_steps=1)
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, vocab, (batch, seq + 1), generator=g)
-    data = {"inputs": tokens[:, :-1].to(device), "targets": tokens[:, 1:].contiguous().to(device),
-            "loss_mask": torch.ones(batch, seq, device=device),
-            "domain_ids": torch.zeros(batch, dtype=torch.long, device=device)}
-    # a NADO head that is not zero, so the KL is not trivially 0
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.startswith("nado_head."):
-                p.normal_(0, 0.02)
-    return model, optimizer, params, data
+    data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:].contiguous(),
+            "loss_mask": torch.ones(batch, seq), "domain_ids": torch.zeros(batch, dtype=torch.long)}
+    return model, None, None, data
 
 
 def step(model, optimizer, params, data, variant):
-    from nemo_acft.training.blocks import lm_step
+    from nemo_acft.models.acft_model import Regularizer
 
-    lambdas = None if variant == "sft" else torch.tensor([1.0], device=data["inputs"].device)
-    lm_step(model, optimizer, params, data, lr=1e-4, grad_clip=1.0, lambdas=lambdas, delta=0.95)
+    reg = None if variant == "sft" else Regularizer(torch.tensor([1.0]), delta=0.95)
+    model.lm_step(data, reg, micro_batch_size=data["inputs"].shape[0])
 
 
 def _sync(device):
@@ -109,9 +99,6 @@ def time_variants(size, device, dtype, repeats, warmup):
 
 def memory_child(size_name, variant, device, dtype, steps):
     """Runs in a subprocess: the peak memory of ``steps`` steps of one variant (JSON on stdout)."""
-    from nemo_acft.models import init_distributed
-
-    init_distributed(tp=1, pp=1, seed=0)
     sizes = GPU_SIZES if device == "cuda" else CPU_SIZES
     model, optimizer, params, data = build(sizes[size_name], variant, device, dtype)
     if device == "cuda":
@@ -196,9 +183,6 @@ def main(argv=None):
     if args.memory_child:
         return memory_child(*args.memory_child, args.device, dtype, steps=3)
 
-    from nemo_acft.models import init_distributed
-
-    init_distributed(tp=1, pp=1, seed=0)
     sizes = GPU_SIZES if args.device == "cuda" else CPU_SIZES
     names = args.sizes.split(",") if args.sizes else list(sizes)
     device_name = (torch.cuda.get_device_name() if args.device == "cuda"

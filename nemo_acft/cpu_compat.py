@@ -214,7 +214,7 @@ def apply_nemo() -> bool:
     """Apply the megatron-core patches and NeMo's own, when CUDA is absent. Idempotent.
 
     Each replaces a piece of apex/TE/CUDA that NeMo 2.5.0 reaches on the CPU path (numbered
-    in the body). Called on import of :mod:`nemo_acft.nemo`.
+    in the body). Called on import of :mod:`nemo_acft.models.acft_model`.
     """
     global _NEMO_APPLIED
     if torch.cuda.is_available() or _NEMO_APPLIED:
@@ -280,3 +280,34 @@ def apply_nemo() -> bool:
     overrides.NLPDDPStrategy.configure_ddp = configure_ddp
     _NEMO_APPLIED = True
     return True
+
+
+#: model-config keys whose CUDA kernels (fusions, Transformer Engine, GPU initialisation) do not
+#: exist on a CPU-only torch, and the value each gets there
+CPU_MODEL_KEYS = {
+    "transformer_engine": False,        # TE's layers need CUDA: megatron-core's local spec
+    "use_cpu_initialization": True,     # weights built on the CPU (and identical at any TP)
+    "masked_softmax_fusion": False,     # fused softmax kernels: CUDA only
+    "bias_activation_fusion": False,
+    "bias_dropout_add_fusion": False,
+    "apply_rope_fusion": False,
+    "gradient_accumulation_fusion": False,  # needs apex's fused weight-gradient kernel
+    "gradient_as_bucket_view": False,
+    "megatron_amp_O2": False,           # apex's master-weight optimizer wrapper
+    "sequence_parallel": False,         # torch LayerNorm has no sequence-parallel path
+}
+
+
+def cpu_model_config(cfg):
+    """A MegatronGPTModel config with :data:`CPU_MODEL_KEYS` set, when CUDA is absent (returned
+    unchanged when it is available). Not a patch of NeMo: the config a CPU run must have."""
+    if torch.cuda.is_available():
+        return cfg
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        for key, value in CPU_MODEL_KEYS.items():
+            cfg[key] = value
+        if str(cfg.get("precision", 32)) not in ("32", "32-true"):
+            cfg.precision = 32  # bf16/fp16 autocast on CPU is not what the GPU path runs
+    return cfg

@@ -10,17 +10,16 @@ fi
 export PIP_CONSTRAINT="$PWD/constraints/cpu.txt"
 # torch first, from the constraint (the local CPU wheel), so nothing later can pull a CUDA build.
 .venv/bin/python -m pip install -q torch==2.13.0+cpu
-# ACFT_NO_NEMO=1 skips nemo-toolkit (~3 GB; its tests are then skipped)
-EXTRAS=test
-[ "${ACFT_NO_NEMO:-0}" = 1 ] || EXTRAS=test,nemo
-.venv/bin/python -m pip install -q -e ".[$EXTRAS]"
+# nemo-toolkit (about 3 GB, the engine) comes with the package; the test extras add the
+# oracles' transformers/detoxify and lm-evaluation-harness
+.venv/bin/python -m pip install -q -e ".[test]"
 # nemo-toolkit pulls a torchvision built for CUDA, which fails to import next to the CPU torch
 # ("operator torchvision::nms does not exist"); nothing here needs torchvision
 .venv/bin/python -m pip uninstall -q -y torchvision 2>/dev/null || true
 .venv/bin/python - <<'PY'
 import torch, megatron.core, importlib.metadata as md
 print(f"nemo-acft env: torch {torch.__version__}, megatron-core {md.version('megatron-core')}, "
-      f"cuda available: {torch.cuda.is_available()}")
+      f"nemo-toolkit {md.version('nemo-toolkit')}, cuda available: {torch.cuda.is_available()}")
 PY
 # A real Slurm for tests/test_slurm.py (Debian's slurm-wlm and munge, about a minute), when this
 # runs as root on Debian/Ubuntu and it is missing; ACFT_NO_SLURM=1 skips it (the Slurm tests

@@ -1,4 +1,9 @@
-"""Run a test function on N real processes over gloo (torch.distributed), collect results."""
+"""Run a test function on N real processes over gloo (torch.distributed), collect results.
+
+The processes are forked from the test process after NeMo and megatron-core are imported in
+it (once per session), so a world starts in well under a second instead of an import each;
+nothing distributed is ever initialised in the test process itself. With CUDA they are spawned.
+"""
 
 from __future__ import annotations
 
@@ -30,13 +35,27 @@ def _entry(fn, rank, world_size, port, out_dir, args):
         raise
 
 
+def preload() -> None:
+    """Import the heavy stack in this process, so that forked workers start with it."""
+    import nemo_acft.models.acft_model  # noqa: F401
+
+
 def run_workers(fn, world_size: int, *args, timeout: float = 300.0):
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes.
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes.
 
     ``fn`` must be a module-level function; it returns a picklable result (tensors welcome).
     Returns the list of results by rank; raises with the workers' tracebacks on failure.
     """
-    ctx = mp.get_context("spawn")
+    if torch.cuda.is_available():
+        if world_size > torch.cuda.device_count():  # NCCL: a GPU per rank
+            import pytest
+
+            pytest.skip(f"a world of {world_size} needs {world_size} GPUs "
+                        f"({torch.cuda.device_count()} here)")
+        ctx = mp.get_context("spawn")
+    else:
+        preload()
+        ctx = mp.get_context("fork")
     port = _free_port()
     with tempfile.TemporaryDirectory() as out_dir:
         procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, out_dir, args))

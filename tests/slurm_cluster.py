@@ -67,7 +67,7 @@ class LocalSlurm:
         ]
         for i, n in enumerate(self.nodes):
             lines.append(f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 "
-                         f"Port={self.node_port + i} CPUs=1 RealMemory=10000 State=UNKNOWN")
+                         f"Port={self.node_port + i} CPUs=2 RealMemory=10000 State=UNKNOWN")
         lines.append(f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES "
                      "MaxTime=INFINITE State=UP OverSubscribe=FORCE:2")
         self.conf.write_text("\n".join(lines) + "\n")

@@ -1,10 +1,11 @@
-"""Built-in corpus, tokenizer and data readers."""
+"""Built-in corpus, the built-in SentencePiece tokenizer through NeMo's own tokenizer class,
+and the data readers."""
 
 import json
 
 import pytest
 
-from nemo_acft.data import WordTokenizer, domains, generate_corpus, read_prompts, read_records
+from nemo_acft.data import domains, generate_corpus, read_prompts, read_records
 from nemo_acft.oracles import LexiconOracle
 
 
@@ -24,19 +25,27 @@ def test_corpus_is_seeded_and_its_toxicity_is_what_the_oracle_sees():
         generate_corpus(3, toxic_fraction=1.5)
 
 
-def test_tokenizer_round_trip_and_file(tmp_path):
+def test_builtin_sentencepiece_through_nemo(tmp_path):
+    """Trained offline on the corpus, loaded by NeMo's SentencePiece tokenizer (what the
+    ``.nemo`` carries): every corpus text round-trips, decoding stops at EOS and drops pads and
+    ids beyond the vocabulary, and the file is written under its final name only when whole."""
+    from nemo.collections.nlp.modules.common.tokenizer_utils import get_nmt_tokenizer
+
+    from nemo_acft.data import TextTokenizer, train_sentencepiece
+    from nemo_acft.data.tokenizer import EOS_ID, PAD_ID
+
     corpus = generate_corpus(3000, seed=0)
-    tok = WordTokenizer.build(r["text"] for r in corpus)
-    for r in corpus[:200]:
+    path = train_sentencepiece((r["text"] for r in corpus), tmp_path / "tok.model", 512)
+    assert [p.name for p in tmp_path.iterdir()] == ["tok.model"]
+    tok = TextTokenizer(get_nmt_tokenizer(library="sentencepiece", tokenizer_model=str(path)))
+    assert tok.eos_id == EOS_ID and tok.pad_id == PAD_ID and 50 < tok.vocab_size <= 512
+    for r in corpus[:300]:
         assert tok.decode(tok.encode(r["text"])) == r["text"]
-    assert tok.encode("zebra")[0] == tok.unk_id
-    assert tok.decode(tok.encode("the rain was cold.") + [tok.eos_id] + tok.encode("junk")) == \
+    ids = tok.encode("the rain was cold.")
+    assert tok.decode([PAD_ID] + ids + [10_000, EOS_ID] + tok.encode("junk")) == \
         "the rain was cold."
-    tok.save(tmp_path / "tok.json")
-    assert WordTokenizer.load(tmp_path / "tok.json").vocab == tok.vocab
-    (tmp_path / "bad.json").write_text("{}")
-    with pytest.raises(ValueError, match="bad.json"):
-        WordTokenizer.load(tmp_path / "bad.json")
+    # every word of the grammar is one piece or a few: sequences stay short
+    assert len(tok.encode(corpus[0]["text"])) <= 2 * len(corpus[0]["text"].split())
 
 
 def test_readers_name_file_and_line_or_skip_and_count(tmp_path):

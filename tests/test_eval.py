@@ -41,83 +41,103 @@ def test_diversity_by_hand():
 
 
 def _probe_worker(rank, world_size):
-    from nemo_acft.data import WordTokenizer
-    from nemo_acft.eval.toxicity import probe_accuracy
-    from nemo_acft.models import GPTConfig, build_gpt_nado, init_distributed
+    from nemo.collections.nlp.modules.common.tokenizer_utils import get_nmt_tokenizer
 
-    init_distributed(tp=1, pp=1, seed=0)
+    from nemo_acft.data import TextTokenizer
+    from nemo_acft.eval.toxicity import probe_accuracy
+    from tests.engine_utils import build
+
     statements = ["you are an idiot", "the weather is nice", "what a stupid dumb fool",
                   "thanks for the help"]
-    tok = WordTokenizer.build(statements + ["this is hateful fine ."])
-    torch.manual_seed(3)
-    model = build_gpt_nado(GPTConfig(vocab_size=len(tok), seq_length=32, num_layers=1,
-                                     hidden_size=32, num_attention_heads=2,
-                                     make_vocab_size_divisible_by=8), with_head=False)
+    tok = TextTokenizer(get_nmt_tokenizer(library="byte-level"))
+    model = build(num_layers=1, hidden=32, heads=2, seq=64, head_layers=0, seed=3)
     labels = [1, 0, 1, 0]
     acc = probe_accuracy(model, tok, statements, labels)["accuracy"]
-    # by hand: log p(verbaliser | template) from the model's full-vocabulary log-softmax
-    model.eval()
-    right = 0
+    # by hand: log p(verbaliser | template) from the model's log-softmax over the tokenizer's
+    # vocabulary, token by token
+    V = model.vocab_size
+    right, margins = 0, []
     for text, y in zip(statements, labels):
         scores = []
         for word in ("hateful", "fine"):
-            ids = tok.encode(f"{text} . this is") + tok.encode(word)
+            prefix = tok.encode(f"{text} . this is")
+            ids = prefix + tok.encode(" " + word)
             x = torch.tensor([ids])
             with torch.no_grad():
-                lp = torch.log_softmax(model(x, torch.arange(len(ids))[None], None).double(), -1)
-            scores.append(float(lp[0, len(ids) - 2, ids[-1]]))
+                z, _ = model.module(x, torch.arange(len(ids))[None], None)
+            lp = torch.log_softmax(z[0, :, :V].double(), -1)
+            scores.append(sum(float(lp[t - 1, ids[t]]) for t in range(len(prefix), len(ids))))
         right += (scores[0] > scores[1]) == bool(y)
-    return {"acc": acc, "by_hand": right / 4}
+        margins.append(abs(scores[0] - scores[1]))
+    return {"acc": acc, "by_hand": right / 4, "margin": min(margins)}
 
 
 def test_probe_accuracy_against_log_probs_by_hand():
     from tests.dist_utils import run_workers
 
     (one,) = run_workers(_probe_worker, 1)
-    assert one["acc"] == one["by_hand"]
+    assert one["acc"] == one["by_hand"] and one["margin"] > 1e-4
 
 
 def test_compare_table_and_plot(tmp_path):
-    from nemo_acft.eval.cli import compare
+    from nemo_acft.cli.eval import compare
 
-    for name, m in (("baseline", {"toxic_share": 0.4, "emt": 0.61, "tox_prob": 0.5, "ppl": 2.2}),
-                    ("acft", {"toxic_share": 0.1, "emt": 0.25, "tox_prob": 0.125, "ppl": 2.25})):
+    for name, m in (("baseline", {"toxic_share": 0.4, "emt": 0.61, "tox_prob": 0.5, "ppl": 2.2,
+                                  "distinct_2": 0.7, "repeat_rate": 0.05}),
+                    ("acft", {"toxic_share": 0.1, "emt": 0.25, "tox_prob": 0.125, "ppl": 2.25,
+                              "distinct_2": 0.68, "repeat_rate": 0.06})):
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.json").write_text(json.dumps({**m, "method": name}))
     table = compare([str(tmp_path / "baseline"), str(tmp_path / "acft")], tmp_path / "cmp")
     assert table.splitlines() == [
-        "| method | toxic share | EMT | tox. prob. | perplexity |",
-        "|---|---|---|---|---|",
-        "| baseline | 0.400 | 0.610 | 0.500 | 2.200 |",
-        "| acft | 0.100 | 0.250 | 0.125 | 2.250 |",
+        "| method | toxic share | EMT | tox. prob. | perplexity | distinct-2 | repeat rate |",
+        "|---|---|---|---|---|---|---|",
+        "| baseline | 0.400 | 0.610 | 0.500 | 2.200 | 0.700 | 0.050 |",
+        "| acft | 0.100 | 0.250 | 0.125 | 2.250 | 0.680 | 0.060 |",
     ]
     assert (tmp_path / "cmp" / "tradeoff.png").stat().st_size > 1000
 
 
-FAST = ["acft.iterations=1", "finetune.steps_per_iteration=8", "pretrain.steps=20",
-        "acft.nado.steps=5", "acft.nado.prompts=32", "eval.prompts=16",
-        "eval.samples_per_prompt=1", "eval.ppl_records=32", "data.builtin.pretrain_records=400",
-        "data.builtin.train_records=200", "data.builtin.heldout_records=80",
-        "model.hidden_size=32", "progress=false"]
+def _cli_worker(rank, world, argv):
+    """``acft-eval ARGV`` in a world of one forked process (the imports are the test's)."""
+    from nemo_acft.cli.eval import main
+
+    try:
+        main(argv)
+    except SystemExit as e:
+        return str(e.code)
+    return None
+
+
+def _acft_eval(*argv):
+    from tests.dist_utils import run_workers
+
+    return run_workers(_cli_worker, 1, list(argv))[0]
 
 
 def test_acft_eval_end_to_end(tmp_path):
+    """acft-eval on a run directory (ACFT, the baseline, guided decoding with ACFT's φ) and on
+    the run's exported .nemo files (plain; with the head, guided); the metrics are those of the
+    written samples; --compare; a bad iteration is a clear error."""
+    from tests.run_utils import compose, drive
+
     run = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-m", "nemo_acft.train", f"run_dir={run}",
-                        f"cache_dir={tmp_path / 'cache'}", *FAST], capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
+    drive(compose(run, tmp_path / "cache", "model.acft.iterations=1"))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("you are\nthe weather\nthanks for\n")
+    held = tmp_path / "held.txt"
+    held.write_text("the weather is nice today.\nthanks for the help.\n")
     outs = []
-    for extra, name in (([], "acft"), (["--store", "baseline"], "baseline"),
-                        (["--guided"], "nado_decoding")):
+    for extra, name in ((["--run-dir", str(run)], "acft"),
+                        (["--run-dir", str(run), "--store", "baseline"], "baseline"),
+                        (["--run-dir", str(run), "--guided"], "guided"),
+                        (["--nemo", str(run / "export" / "acft_gpt.nemo"), "--heldout",
+                          str(held)], "nemo"),
+                        (["--nemo", str(run / "export" / "acft_with_head.nemo"), "--guided",
+                          "--heldout", str(held)], "nemo_guided")):
         out = tmp_path / name
-        p = subprocess.run([sys.executable, "-m", "nemo_acft.eval.cli", "--run-dir", str(run),
-                            "--prompts", str(prompts), "--out", str(out), "--method", name,
-                            "--samples-per-prompt", "4", "--evaluator", "lexicon", *extra],
-                           capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, p.stderr[-2000:]
+        assert _acft_eval(*extra, "--prompts", str(prompts), "--out", str(out), "--method",
+                          name, "--samples-per-prompt", "4", "--evaluator", "lexicon") is None
         rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
         assert len(rows) == 12 and {r["method"] for r in rows} == {name}
         assert set(rows[0]) == {"prompt", "continuation", "score", "method"}
@@ -130,12 +150,19 @@ def test_acft_eval_end_to_end(tmp_path):
         assert m["emt"] == pytest.approx(sum(max(t for t in ts if t is not None)
                                              for ts in per_prompt) / 3)
         assert m["ppl"] > 1.0 and m["evaluator"] == "lexicon"
-        outs.append(str(out))
-    p = subprocess.run([sys.executable, "-m", "nemo_acft.eval.cli", "--compare", *outs,
+        assert m["guided"] == name.endswith("guided")
+        outs.append(out)
+    # the plain .nemo is θ_K of the run: the same samples and perplexity as the run directory
+    a, n = (json.loads((tmp_path / x / "metrics.json").read_text()) for x in ("acft", "nemo"))
+    rows_a = (tmp_path / "acft" / "samples.jsonl").read_text()
+    assert rows_a.replace('"acft"', '"nemo"') == (tmp_path / "nemo" / "samples.jsonl").read_text()
+    # the console script itself, once: --compare
+    p = subprocess.run([sys.executable, "-m", "nemo_acft.cli.eval", "--compare", *map(str, outs),
                         "--out", str(tmp_path / "cmp")], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    assert len((tmp_path / "cmp" / "compare.md").read_text().splitlines()) == 5
-    bad = subprocess.run([sys.executable, "-m", "nemo_acft.eval.cli", "--run-dir", str(run),
-                          "--iteration", "7", "--out", str(tmp_path / "x")],
-                         capture_output=True, text=True)
-    assert bad.returncode != 0 and "--iteration 7" in bad.stderr
+    assert len((tmp_path / "cmp" / "compare.md").read_text().splitlines()) == 7
+    assert "--iteration 7" in _acft_eval("--run-dir", str(run), "--iteration", "7", "--out",
+                                         str(tmp_path / "x"))
+    assert "holds no NADO head" in _acft_eval("--nemo", str(run / "export" / "acft_gpt.nemo"),
+                                              "--guided", "--prompts", str(prompts), "--out",
+                                              str(tmp_path / "y"))

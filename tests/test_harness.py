@@ -18,20 +18,20 @@ TEXTS = ["the cat sat on the mat .", "a dog ran in the park today .",
 
 
 def _setup():
-    from nemo_acft.data import WordTokenizer
-    from nemo_acft.models import GPTConfig, build_gpt_nado, init_distributed
+    """The engine (NeMo's byte-level tokenizer, a context of 32, the vocabulary padded beyond
+    the tokenizer's) with a non-trivial head (it starts at zero: q = p); and its module."""
+    from nemo.collections.nlp.modules.common.tokenizer_utils import get_nmt_tokenizer
 
-    init_distributed(tp=1, pp=1, seed=0)
-    tok = WordTokenizer.build(TEXTS)
-    torch.manual_seed(5)
-    model = build_gpt_nado(GPTConfig(vocab_size=len(tok), seq_length=8, num_layers=1,
-                                     hidden_size=32, num_attention_heads=2,
-                                     make_vocab_size_divisible_by=16), with_head=True)
-    with torch.no_grad():  # a non-trivial head (it starts at zero: q = p)
-        for p in model.nado_head.parameters():
+    from nemo_acft.data import TextTokenizer
+    from tests.engine_utils import build
+
+    engine = build(num_layers=1, hidden=32, heads=2, seq=32, head_layers=0,
+                   make_vocab_size_divisible_by=96, seed=5)
+    with torch.no_grad():
+        for p in engine.module.nado_head.parameters():
             p.add_(torch.randn_like(p) * 0.5)
-    model.eval()
-    return tok, model
+    engine.module.eval()
+    return TextTokenizer(get_nmt_tokenizer(library="byte-level")), engine
 
 
 def _next_logp(model, prefix, vocab, guided=False, beta=1.0):
@@ -54,13 +54,14 @@ def _requests(kind, args):
 def _adapter_worker(rank, world_size, task_dir):
     from nemo_acft.eval.lm_harness import ACFTHarnessLM
 
-    tok, model = _setup()
-    V, L = len(tok), 8
+    tok, engine = _setup()
+    model = engine.module
+    V, L = engine.vocab_size, 32  # bytes: the longest pair is cut to the context
     out = {}
     pairs = [("the cat sat", " on the mat ."), ("a dog", " ran in the park today ."),
              ("", "the sun"), ("question : what is hot ? answer :", " the sun")]
     for guided, beta in ((False, 1.0), (True, 1.0), (True, 2.5)):
-        lm = ACFTHarnessLM(model, tok, V, L, batch_size=3, guided=guided, guidance=beta)
+        lm = ACFTHarnessLM(engine, tok, L, batch_size=3, guided=guided, guidance=beta)
         got = lm.loglikelihood(_requests("loglikelihood", pairs))
         want = []
         for ctx, cont in pairs:
@@ -77,7 +78,7 @@ def _adapter_worker(rank, world_size, task_dir):
     # rolling: disjoint windows of L tokens; token j of a later window [a, e) is predicted from
     # tokens[e-L-1:j] (a full window: from tokens[a-1:j]; the last, shorter one reaches back so
     # that its last token sees L tokens), of the first window from [eos] + tokens[:j]
-    lm = ACFTHarnessLM(model, tok, V, L, batch_size=2)
+    lm = ACFTHarnessLM(engine, tok, L, batch_size=2)
     texts = ["the cat sat", " ".join(TEXTS)]
     got = lm.loglikelihood_rolling(_requests("loglikelihood_rolling", [(t,) for t in texts]))
     want = []

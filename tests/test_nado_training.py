@@ -46,23 +46,32 @@ def _exact_r(model, prompt):
 
 
 def _nado_worker(rank, world_size):
-    from nemo_acft.models import GPTConfig, NADOHeadConfig, build_gpt_nado, init_distributed
-    from nemo_acft.sampling import SamplingParams, generate
-    from nemo_acft.training.blocks import OptimConfig, train_nado
+    """The engine's oracle-block pieces on a model of V = 4 tokens: sample 6000 continuations,
+    label them, 600 ``nado_step``s with NeMo's optimizer, then the head against exact R."""
+    from nemo_acft.data import batch_indices
+    from nemo_acft.models.generate import SamplingParams
+    from nemo_acft.sampling import nado_batch
+    from tests.engine_utils import build
 
-    init_distributed(tp=1, pp=1, seed=0)
-    cfg = GPTConfig(vocab_size=V, seq_length=8, num_layers=1, hidden_size=32,
-                    num_attention_heads=2, make_vocab_size_divisible_by=V, init_method_std=0.3,
-                    nado=NADOHeadConfig(num_layers=1))
-    model = build_gpt_nado(cfg)
+    # learned positions: R depends on how many tokens are left, and with rope alone a prefix of
+    # repeated tokens looks the same at every position (attention over equal values)
+    engine = build(num_layers=1, hidden=32, heads=2, seq=8, head_layers=1,
+                   override_vocab_size=V, make_vocab_size_divisible_by=V, init_method_std=0.3,
+                   position_embedding_type="learned_absolute", seed=0)
+    model = engine.module
     prompt = [0]
     r, prob = _exact_r(model, prompt)
     n = 6000
-    samples = generate(model, [prompt] * n, SamplingParams(max_new_tokens=L, seed=1), vocab_size=V)
+    samples = engine.generate([prompt] * n, SamplingParams(max_new_tokens=L, seed=1))
     labels = torch.tensor([float(BAD not in samples.continuation(i)) for i in range(n)])
-    metrics = train_nado(model, samples, labels, steps=600, batch_size=256,
-                         optim=OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=20),
-                         alpha=1.0, seed=0, stream="t")
+    engine.configure_training("head", {"name": "adamw", "lr": 1e-2, "weight_decay": 0.0,
+                                       "betas": [0.9, 0.95],
+                                       "sched": {"name": "CosineAnnealing", "warmup_steps": 20,
+                                                 "min_lr": 1e-3}}, max_steps=600)
+    for step in range(600):
+        metrics = engine.nado_step(nado_batch(samples, labels,
+                                              batch_indices(n, 256, 0, "t", step)),
+                                   alpha=1.0, micro_batch_size=256)
     # compare σ(s_i[v]) with R(prefix ∘ v) at every prefix of length 1..L (prompt included)
     errs, weights, zero_head = [], [], []
     prefixes = [p for p in prob if len(p) < len(prompt) + L]
@@ -104,6 +113,14 @@ def test_kl_penalty_matches_brute_force():
     lam = torch.tensor([0.5, 0.0, 3.0], dtype=torch.float64)
     for delta, min_z in ((None, 0.0), (0.7, 0.0), (0.7, 0.2)):
         pen, parts = kl_penalty(kl, log_z, mask, dom, lam, delta, min_z)
+        # two micro-batches with the whole batch's denominators add up to the same
+        counts = torch.stack([mask[dom == d].sum() for d in range(3)])
+        halves = [kl_penalty(kl[rows], log_z[rows], mask[rows], dom[rows], lam, delta, min_z,
+                             domain_tokens=counts) for rows in (slice(0, 2), slice(2, 5))]
+        assert math.isclose(float(sum(h[0] for h in halves)), float(pen), rel_tol=1e-12)
+        for key in ("kl", "gated_share", "mean_z"):
+            assert math.isclose(float(sum(h[1][key] for h in halves)), float(parts[key]),
+                                rel_tol=1e-12), key
         expected, gated, tokens = 0.0, 0, 0
         for d in range(3):
             num, den = 0.0, 0.0
@@ -118,20 +135,20 @@ def test_kl_penalty_matches_brute_force():
                     gated += not on
                     tokens += 1
             expected += float(lam[d]) * (num / den if den else 0.0)
+            ungated = sum(float(kl[i, j]) for i in range(b) for j in range(s)
+                          if dom[i] == d and mask[i, j])
+            assert math.isclose(float(parts["kl_by_domain"][d]), ungated / den, rel_tol=1e-12)
         assert math.isclose(float(pen), expected, rel_tol=1e-12), (delta, min_z)
         assert math.isclose(float(parts["gated_share"]), gated / tokens, rel_tol=1e-12)
 
 
 def _token_losses_worker(rank, world_size):
-    from nemo_acft.models import GPTConfig, NADOHeadConfig, build_gpt_nado, init_distributed
     from nemo_acft.models import tp_group
+    from tests.engine_utils import build
 
-    init_distributed(tp=world_size, pp=1, seed=0)
     # 48 = the padded size at TP=1 and TP=2 alike, so both build the same weights
-    cfg = GPTConfig(vocab_size=48, seq_length=8, num_layers=1, hidden_size=32,
-                    num_attention_heads=2, make_vocab_size_divisible_by=8,
-                    nado=NADOHeadConfig(num_layers=0))
-    model = build_gpt_nado(cfg, tp=world_size)
+    model = build(tp=world_size, num_layers=1, hidden=32, heads=2, seq=8, head_layers=0,
+                  override_vocab_size=48, make_vocab_size_divisible_by=8, seed=0).module
     w = model.nado_head.output_layer.weight
     full = torch.randn(w.shape[0] * world_size, w.shape[1], generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -1,22 +1,25 @@
 """Sampling: KV cache vs full recompute, the sampled distribution vs the model's own logits,
-filters by hand, EOS, seeds, and TP=2 vs TP=1."""
+filters by hand, EOS, seeds, TP=2 vs TP=1, and the batched sampler's independence of the
+data-parallel size."""
 
 import torch
 import torch.nn.functional as F
 
-from nemo_acft.sampling import SamplingParams, filter_logits
+from nemo_acft.models.generate import SamplingParams, filter_logits
 from tests.dist_utils import run_workers
 
-CFG = dict(vocab_size=50, seq_length=32, num_layers=2, hidden_size=32, num_attention_heads=4,
-           make_vocab_size_divisible_by=16, nado={"num_layers": 1})
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]
 
 
-def _model(tp=1, rank=0):
-    from nemo_acft.models import GPTConfig, build_gpt_nado, init_distributed
+def _engine(tp=1, world=None):
+    from tests.engine_utils import build
 
-    init_distributed(tp=tp, pp=1, seed=0)
-    model = build_gpt_nado(GPTConfig(**CFG), tp=tp)
+    return build(tp=tp, world=world or tp, hidden=32, override_vocab_size=64,
+                 make_vocab_size_divisible_by=16, seed=0)
+
+
+def _model(tp=1, rank=0):
+    model = _engine(tp).module
     w = model.nado_head.output_layer.weight  # a non-zero head, identical across TP
     full = torch.randn(w.shape[0] * tp, w.shape[1], generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -26,7 +29,7 @@ def _model(tp=1, rank=0):
 
 def _kv_worker(rank, world_size):
     from nemo_acft.models import tp_group
-    from nemo_acft.sampling import generate
+    from nemo_acft.models.generate import generate
 
     model = _model(world_size, rank)
     out = {}
@@ -59,7 +62,7 @@ def test_kv_cache_equals_full_recompute_and_tp2_equals_tp1():
 
 
 def _distribution_worker(rank, world_size):
-    from nemo_acft.sampling import generate
+    from nemo_acft.models.generate import generate
 
     model = _model()
     prompt = [3, 1, 4]
@@ -92,7 +95,7 @@ def test_sampled_frequencies_match_model_distribution():
 
 
 def _eos_worker(rank, world_size):
-    from nemo_acft.sampling import generate
+    from nemo_acft.models.generate import generate
 
     model = _model()
     params = SamplingParams(max_new_tokens=8, seed=5)
@@ -134,3 +137,27 @@ def test_sampling_params_validation():
     for bad in (dict(max_new_tokens=0), dict(temperature=0), dict(top_p=0.0), dict(top_k=-1)):
         with pytest.raises(ValueError, match=list(bad)[0]):
             SamplingParams(**bad)
+
+
+def _batched_worker(rank, world_size):
+    from nemo_acft.data import TextTokenizer
+    from nemo_acft.sampling import generate_batched
+
+    from tests.engine_utils import build
+
+    engine = build(world=world_size, hidden=32, seed=0)  # tp=1: data parallel = world size
+    tok = TextTokenizer(engine.tokenizer)
+    prompts = ["ab", "c", "hello", "x y", "", "z"]
+    s = generate_batched(engine, tok, prompts, SamplingParams(max_new_tokens=5, seed=4),
+                         batch_size=2)
+    return s.tokens, s.lengths, tok.encode("ab")
+
+
+def test_batched_sampling_is_the_same_at_any_data_parallel_size():
+    """Batch b goes to data-parallel rank b mod dp with seed + b: 1 and 2 ranks sample the same;
+    an empty prompt starts from EOS."""
+    (one,) = run_workers(_batched_worker, 1)
+    two = run_workers(_batched_worker, 2)
+    for r in two:
+        assert torch.equal(r[0], one[0]) and torch.equal(r[1], one[1])
+    assert one[0][0, :len(one[2])].tolist() == one[2]

@@ -1,9 +1,11 @@
 """The sbatch scripts on a real Slurm (Debian's slurm-wlm 22.05, munge) started on this machine:
 two slurmd nodes, so that the two components of a heterogeneous job land on different nodes.
 
-- acft_hetjob.sbatch: completes; both sides ran in their own component (node n1 / n2), the
-  exchange holds every iteration of both, and a .nemo comes out, which eval.sbatch then
-  evaluates (acft-eval on the .nemo);
+- acft_hetjob.sbatch with 2 tasks in the LM component (TP = 2: one world of two srun tasks)
+  and 1 in the oracle component: completes; both sides ran in their own component (node n1 /
+  n2), the LM side's θ_k written at TP = 2 and read at TP = 1, the exchange holds every
+  iteration of both, and a .nemo comes out, which eval.sbatch then evaluates (acft-eval on the
+  .nemo);
 - acft_single.sbatch: completes with the sequential schedule and a .nemo;
 - scancel of the oracle component mid-run: the LM side fails with the clear error (not a hang),
   the job exits non-zero, and the LM side's last artifacts load with their checksums intact.
@@ -28,12 +30,13 @@ if WHY and os.environ.get("ACFT_REQUIRE_SLURM") == "1":
     raise RuntimeError(f"ACFT_REQUIRE_SLURM=1 but no local Slurm can start: {WHY}")
 pytestmark = pytest.mark.skipif(WHY is not None, reason=f"no local Slurm: {WHY}")
 
-#: tiny_cpu, smaller: the byte-level tokenizer (so the model exports to .nemo), fewer steps
-SMALL = ["data.tokenizer=byte", "model.seq_length=64", "finetune.steps_per_iteration=20",
-         "finetune.save_every=5", "pretrain.steps=150", "acft.nado.prompts=64",
-         "acft.nado.steps=20", "eval.prompts=32", "eval.samples_per_prompt=1",
-         "eval.ppl_records=100", "sampling.max_new_tokens=16", "eval.max_new_tokens=16",
-         "acft.handshake_timeout_s=120", "acft.heartbeat_s=1", "acft.heartbeat_timeout_s=15"]
+#: tiny_cpu, smaller (tests/run_utils.FAST) with the exchange's timeouts for a busy machine
+from tests.run_utils import FAST  # noqa: E402
+
+SMALL = [*FAST, "model.acft.exchange.handshake_timeout_s=120",
+         "model.acft.exchange.heartbeat_s=1", "model.acft.exchange.heartbeat_timeout_s=15"]
+#: the LM component with 2 tasks (TP = 2), the oracle component with 1
+HET_SIZES = ["--ntasks=2", ":", "--ntasks=1"]
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +46,17 @@ def cluster(tmp_path_factory):
 
 
 def _env(tmp, run_dir):
+    # the test nodes n1/n2 share this host and their names do not resolve: rendezvous here
     return {"ACFT_RUN_DIR": str(run_dir), "ACFT_PYTHON": sys.executable,
-            "ACFT_CACHE_DIR": str(tmp / "cache"), "OMP_NUM_THREADS": "1"}
+            "ACFT_CACHE_DIR": str(tmp.parent / "cache"), "OMP_NUM_THREADS": "1",
+            "ACFT_MASTER_ADDR": "127.0.0.1"}
 
 
-def _submit(cluster, tmp, name, script, overrides, timeout=900):
+def _submit(cluster, tmp, name, script, overrides, sizes=()):
     run_dir = tmp / name
     out = tmp / f"{name}.out"
     p = cluster.submit_wait(str(REPO / "slurm" / script), overrides, _env(tmp, run_dir),
-                            sbatch_args=[f"--output={out}"])
+                            sbatch_args=[f"--output={out}", *sizes])
     return p, run_dir, out
 
 
@@ -72,10 +77,17 @@ def _status(run_dir, side):
     return json.loads((run_dir / "exchange" / "status" / f"{side}.json").read_text())
 
 
+def _manifest(run_dir, kind, k):
+    return json.loads((run_dir / "exchange" / kind / f"iter_{k:06d}" /
+                       "manifest.json").read_text())
+
+
 def test_hetjob_runs_the_parallel_schedule_in_two_components(cluster, tmp_path):
     t0 = time.monotonic()
     p, run_dir, out = _submit(cluster, tmp_path, "het", "acft_hetjob.sbatch",
-                              SMALL + ["acft.iterations=2"])
+                              SMALL + ["model.tensor_model_parallel_size=2",
+                                       "model.acft.oracle_group.tensor_model_parallel_size=1"],
+                              sizes=HET_SIZES)
     _job_id(p)
     rc = p.wait(900)
     log = out.read_text() if out.exists() else ""
@@ -85,14 +97,19 @@ def test_hetjob_runs_the_parallel_schedule_in_two_components(cluster, tmp_path):
     assert _iterations(run_dir, "nado") == [0, 1, 2]
     lm, oracle = _status(run_dir, "lm"), _status(run_dir, "oracle")
     assert lm["state"] == oracle["state"] == "done"
-    # each side ran on its own component's node
+    # each side ran on its own component's node, the LM side as a world of 2 srun tasks
     assert {lm["slurm_node"], oracle["slurm_node"]} == {"n1", "n2"}, (lm, oracle)
-    assert lm["pid"] != oracle["pid"]
+    assert len(lm["pids"]) == 2 and len(oracle["pids"]) == 1
+    assert lm["layout"]["tp"] == 2 and oracle["layout"]["tp"] == 1
+    read = _manifest(run_dir, "nado", 2)["read"]["lm"]
+    assert read["written_at"]["tp"] == 2 and read["read_at"]["tp"] == 1
+    assert _manifest(run_dir, "lm", 2)["writer"]["world_size"] == 2
     nemo = run_dir / "export" / "acft_gpt.nemo"
     assert nemo.is_file() and nemo.stat().st_size > 100_000
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["schedule"] == "parallel" and summary["nemo"] == str(nemo)
-    assert "hetjob: run_dir" in log and "LM group: exit code 0" in log
+    assert summary["schedule"] == "parallel" and summary["nemo"]["plain"] == str(nemo)
+    assert summary["layouts"]["lm"]["tp"] == 2
+    assert "LM group 2 tasks" in log and "LM group: exit code 0" in log
     # eval.sbatch on that .nemo: acft-eval's toxicity protocol through stock MegatronGPTModel
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("you are\nthe weather is\n")
@@ -111,8 +128,7 @@ def test_hetjob_runs_the_parallel_schedule_in_two_components(cluster, tmp_path):
 
 
 def test_single_job_runs_the_sequential_schedule(cluster, tmp_path):
-    p, run_dir, out = _submit(cluster, tmp_path, "single", "acft_single.sbatch",
-                              SMALL + ["acft.iterations=2"])
+    p, run_dir, out = _submit(cluster, tmp_path, "single", "acft_single.sbatch", SMALL)
     _job_id(p)
     rc = p.wait(900)
     assert rc == 0, (out.read_text() if out.exists() else "") + p.stderr.read()
@@ -123,10 +139,10 @@ def test_single_job_runs_the_sequential_schedule(cluster, tmp_path):
 
 
 def test_cancelling_the_oracle_component_fails_the_lm_side_cleanly(cluster, tmp_path):
-    from nemo_acft.training.exchange import ArtifactStore
+    from nemo_acft.algorithms.exchange import ArtifactStore
 
     p, run_dir, out = _submit(cluster, tmp_path, "cancel", "acft_hetjob.sbatch",
-                              SMALL + ["acft.iterations=8"])
+                              SMALL + ["model.acft.iterations=8"])
     job = _job_id(p)
     deadline = time.monotonic() + 600
     while not (run_dir / "exchange" / "nado" / "iter_000002" / "manifest.json").is_file():
@@ -157,9 +173,8 @@ def test_cancelling_the_oracle_component_fails_the_lm_side_cleanly(cluster, tmp_
     ex = ArtifactStore(run_dir / "exchange")
     last = ex.iterations("lm")[-1]
     assert last < 8
-    ex.load("lm", last, "model.pt")
+    ex.verify("lm", last)
     ckpts = ArtifactStore(run_dir / "checkpoints" / "acft")
     for t in ckpts.iterations("lm"):
-        ckpts.load("lm", t, "model.pt")
-        ckpts.load("lm", t, "optimizer.pt")
+        ckpts.verify("lm", t)
     assert not list((run_dir / "exchange" / "lm").glob(".iter_*"))  # no half-written artifact

@@ -1,62 +1,38 @@
-"""The training entry point end to end on a shrunken built-in config: the parallel schedule's
-manifests checked against recomputation, kill -9 and resume equal to an uninterrupted run, and
-bad configs and files rejected before anything is written.
+"""acft-train end to end on a shrunken built-in config, on real gloo worlds:
 
-These tests launch ``python -m nemo_acft.train`` (Hydra) as real processes; the parallel
-schedule starts its two sides as two more processes.
+- the sequential schedule: summary, plot, TensorBoard, manifests, and the ``.nemo`` files (the
+  plain one restores in stock ``MegatronGPTModel`` with the LM logits of θ_K; the one with the
+  head round-trips the NADO logits);
+- the parallel schedule with the LM group at TP = 2 and the oracle group at TP = 1: θ_k written
+  at TP = 2 and read at TP = 1 (manifests), the oracle side's LM logits of θ_1 equal to the LM
+  side's, and every block recomputed from the artifacts its manifest names;
+- the LM group at PP = 2;
+- kill -9 of either group at a random point, then a rerun: the same final weights, bit for bit;
+- SIGUSR1: a checkpoint, exit 143, and the rerun finishes; a side alone fails its handshake
+  naming the directory; bad configs and files are rejected before anything is written.
+
+The runs are driven from the test process (tests/run_utils.py: Hydra composes the config from
+``conf/`` as the command line does; the worlds are forked), and ``acft-train`` itself runs once
+as a subprocess.
 """
 
+import hashlib
 import json
 import os
-import re
+import random
 import signal
-import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from tests.dist_utils import run_workers
+from tests.run_utils import cli, compose, drive
 
-FAST = [
-    "acft.iterations=2", "finetune.steps_per_iteration=12", "finetune.save_every=4",
-    "finetune.batch_size=16", "pretrain.steps=30", "acft.nado.steps=10", "acft.nado.prompts=64",
-    "acft.nado.batch_size=32", "sampling.max_new_tokens=12", "sampling.batch_size=64",
-    "eval.prompts=32", "eval.samples_per_prompt=1", "eval.ppl_records=64",
-    "data.builtin.pretrain_records=600", "data.builtin.train_records=300",
-    "data.builtin.heldout_records=100", "model.hidden_size=32", "progress=false",
-]
-
-
-def _cmd(run_dir, cache, *extra):
-    return [sys.executable, "-m", "nemo_acft.train", f"run_dir={run_dir}",
-            f"cache_dir={cache}", *FAST, *extra]
-
-
-def _run(run_dir, cache, *extra, timeout=300):
-    p = subprocess.run(_cmd(run_dir, cache, *extra), capture_output=True, text=True,
-                       timeout=timeout)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
-
-
-def _final_weights(run_dir, k=2):
-    ex = Path(run_dir) / "exchange"
-    lm = torch.load(ex / "lm" / f"iter_{k:06d}" / "model.pt", weights_only=False)
-    nado = torch.load(ex / "nado" / f"iter_{k:06d}" / "head.pt", weights_only=False)
-    return lm, nado
-
-
-def _assert_same(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        if a[key] is None:
-            assert b[key] is None
-            continue
-        assert torch.equal(a[key], b[key]), key
+PAR = ["schedule=parallel", "model.tensor_model_parallel_size=2", "trainer.devices=2",
+       "model.acft.oracle_group.tensor_model_parallel_size=1"]
 
 
 @pytest.fixture(scope="module")
@@ -65,247 +41,411 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def parallel_run(tmp_path_factory, cache):
-    run_dir = tmp_path_factory.mktemp("par") / "run"
-    _run(run_dir, cache, "schedule=parallel")
+def seq_run(tmp_path_factory, cache):
+    run_dir = tmp_path_factory.mktemp("seq") / "run"
+    drive(compose(run_dir, cache))
     return run_dir
 
 
-def test_parallel_run_writes_summary_plot_and_manifests(parallel_run):
-    summary = json.loads((parallel_run / "summary.json").read_text())
-    assert summary["schedule"] == "parallel"
+@pytest.fixture(scope="module")
+def par_run(tmp_path_factory, cache):
+    run_dir = tmp_path_factory.mktemp("par") / "run"
+    drive(compose(run_dir, cache, *PAR))
+    return run_dir
+
+
+def _manifest(run_dir, kind, k, store="exchange"):
+    return json.loads((Path(run_dir) / store / kind / f"iter_{k:06d}" / "manifest.json").read_text())
+
+
+def _checksums_hold(run_dir, kind, k):
+    m = _manifest(run_dir, kind, k)
+    root = Path(run_dir) / "exchange" / kind / f"iter_{k:06d}"
+    return all(hashlib.sha256((root / name).read_bytes()).hexdigest() == meta["sha256"]
+               for name, meta in m["files"].items())
+
+
+def _weights(run_dir, kind, k, store="exchange"):
+    """Every tensor of an artifact's distributed checkpoint files, by file and offset."""
+    root = Path(run_dir) / store / kind / f"iter_{k:06d}"
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*.distcp"))}
+
+
+def test_sequential_run(seq_run):
+    summary = json.loads((seq_run / "summary.json").read_text())
+    assert summary["schedule"] == "sequential"
     for side in ("baseline", "acft"):
-        assert 0.0 <= summary[side]["violation_rate"] <= 1.0 and summary[side]["ppl"] > 1.0
-    assert summary["wall_s"] > 0
-    assert (parallel_run / "iterations.png").stat().st_size > 10_000
-    assert list((parallel_run / "tb").glob("*/events.out.tfevents.*"))
-    ex = parallel_run / "exchange"
-
-    def manifest(kind, k):
-        return json.loads((ex / kind / f"iter_{k:06d}" / "manifest.json").read_text())
-
-    # LM block 1 as sequential (φ_1), then LM block k uses φ_(k−1); oracle block k samples θ_(k−1)
-    assert manifest("lm", 1)["based_on"] == {"lm": 0, "nado": 1}
-    assert manifest("lm", 2)["based_on"] == {"lm": 1, "nado": 1}
-    assert manifest("nado", 1)["based_on"] == {"lm": 0, "nado": 0}
-    assert manifest("nado", 2)["based_on"] == {"lm": 1, "nado": 1}
-    # the two sides were separate processes
-    assert manifest("lm", 2)["writer"]["pid"] != manifest("nado", 2)["writer"]["pid"]
-    for kind in ("lm", "nado"):
-        status = json.loads((ex / "status" / f"{'lm' if kind == 'lm' else 'oracle'}.json").read_text())
-        assert status["state"] == "done"
-    # every file is what its manifest says
-    import hashlib
-    for kind, k in (("lm", 2), ("nado", 2)):
-        m = manifest(kind, k)
-        for name, meta in m["files"].items():
-            data = (ex / kind / f"iter_{k:06d}" / name).read_bytes()
-            assert hashlib.sha256(data).hexdigest() == meta["sha256"]
+        s = summary[side]
+        assert 0.0 <= s["violation_rate"] <= 1.0 and s["ppl"] > 1.0
+        assert 0.0 < s["distinct_2"] <= 1.0 and 0.0 <= s["repeat_rate"] < 1.0
+    assert len(summary["iterations"]["acft"]) == 3
+    assert (seq_run / "iterations.png").stat().st_size > 10_000
+    assert list((seq_run / "tb").glob("*/events.out.tfevents.*"))
+    for k in (1, 2):  # sequential: LM block k with φ_k; oracle block k from θ_(k−1)
+        assert _manifest(seq_run, "lm", k)["based_on"] == {"lm": k - 1, "nado": k}
+        assert _manifest(seq_run, "nado", k)["based_on"] == {"lm": k - 1, "nado": k - 1}
+        assert _checksums_hold(seq_run, "lm", k) and _checksums_hold(seq_run, "nado", k)
+    assert summary["nemo"]["plain"].endswith("acft_gpt.nemo")
 
 
-def _recompute_worker(rank, world_size, run_dir):
-    """Recompute oracle block 2's samples and LM block 2 from the artifacts the manifests name."""
-    from nemo_acft.data import batch_indices
-    from nemo_acft.sampling import SamplingParams, generate
-    from nemo_acft.training.blocks import OptimConfig, freeze_head, lm_block
-    from nemo_acft.training.exchange import ArtifactStore
-    from nemo_acft.training.setup import (build_data, build_model, gpt_config, init_process,
-                                          regularizer_config, sampling_kwargs)
+def _served_worker(rank, world, run_dir):
+    """θ_K and φ_K of the exchange in our model, against the two exported .nemo files restored
+    by stock MegatronGPTModel and by MegatronGPTACFTModel."""
+    import yaml
+    from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import MegatronGPTModel
+
+    from nemo_acft.algorithms.exchange import ArtifactStore
+    from nemo_acft.algorithms.setup import Run
+    from nemo_acft.config import Layout
 
     cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-    init_process(cfg)
-    data = build_data(cfg)
+    run = Run(cfg, "test", Layout(1, 1, 1))
     ex = ArtifactStore(Path(run_dir) / "exchange")
-    model = build_model(gpt_config(cfg, len(data.tokenizer)), cfg["seed"])
-    tok = data.tokenizer
-    # oracle block 2: its samples come from θ_1 (and φ_1 loaded but unused: unguided sampling)
+    K = cfg["model"]["acft"]["iterations"]
+    run.model.load_part(ex.path("lm", K) / "trunk", "trunk")
+    run.model.load_part(ex.path("nado", K) / "head", "head")
+    x = run.data.heldout.tokens[:4, :-1]
+    pos = torch.arange(x.shape[1]).expand_as(x)
+    with torch.no_grad():
+        z, s = run.model.module(x, pos, None)
+        stock = MegatronGPTModel.restore_from(str(Path(run_dir) / "export" / "acft_gpt.nemo"),
+                                              trainer=run.model.trainer)
+        z_stock = stock.model(x, pos, None)
+        from nemo_acft.models.build import build_model
+
+        back = build_model(run.model_cfg, tp=1, pp=1, seed=0,
+                           trainer_cfg={"devices": 1, "num_nodes": 1, "accelerator": "cpu",
+                                        "precision": 32, "gradient_clip_val": None},
+                           restore_from=str(Path(run_dir) / "export" / "acft_with_head.nemo"))
+        z_back, s_back = back.module(x, pos, None)
+        # NeMo's own MegatronGPTModel.generate calls self.cuda() (GPU only: scripts/
+        # gpu_check.sh runs it); here the stock model's megatron-core module samples greedily
+        # with our decode loop, and its tokenizer decodes
+        from nemo_acft.models.generate import SamplingParams, generate
+
+        ids = stock.tokenizer.text_to_ids("you are")
+        sample = generate(stock.model, [ids], SamplingParams(max_new_tokens=6, top_k=1),
+                          vocab_size=int(stock.tokenizer.vocab_size))
+        text = stock.tokenizer.ids_to_text(sample.tokens[0].tolist())
+    return {"stock_type": type(stock).__name__, "lm": (z_stock - z).abs().max().item(),
+            "head_lm": (z_back - z).abs().max().item(), "head": (s_back - s).abs().max().item(),
+            "s_max": s.abs().max().item(), "text": text,
+            "tokenizer": stock.cfg.tokenizer.library}
+
+
+def test_the_default_runs_nemo_files_serve(seq_run):
+    """The plain .nemo: stock MegatronGPTModel restores it (SentencePiece tokenizer inside),
+    its logits are the LM logits of θ_K exactly, and NeMo's own generate runs on it; the .nemo
+    with the head round-trips the NADO logits."""
+    (out,) = run_workers(_served_worker, 1, str(seq_run))
+    assert out["stock_type"] == "MegatronGPTModel" and out["tokenizer"] == "sentencepiece"
+    assert out["lm"] == 0.0 and out["head_lm"] == 0.0 and out["head"] == 0.0
+    assert out["s_max"] > 0.0 and out["text"].startswith("you are")
+
+
+def test_parallel_run_manifests_tp2_to_tp1(par_run):
+    summary = json.loads((par_run / "summary.json").read_text())
+    assert summary["layouts"]["lm"]["tp"] == 2 and summary["layouts"]["oracle"]["tp"] == 1
+    # LM block 1 as sequential (φ_1), then LM block k uses φ_(k−1); oracle block k samples θ_(k−1)
+    assert _manifest(par_run, "lm", 1)["based_on"] == {"lm": 0, "nado": 1}
+    assert _manifest(par_run, "lm", 2)["based_on"] == {"lm": 1, "nado": 1}
+    assert _manifest(par_run, "nado", 2)["based_on"] == {"lm": 1, "nado": 1}
+    lm1, nado2 = _manifest(par_run, "lm", 1), _manifest(par_run, "nado", 2)
+    assert lm1["layout"]["tp"] == 2 and lm1["writer"]["world_size"] == 2
+    assert nado2["read"]["lm"]["written_at"]["tp"] == 2
+    assert nado2["read"]["lm"]["read_at"]["tp"] == 1
+    assert _manifest(par_run, "lm", 2)["read"]["nado"]["written_at"]["tp"] == 1
+    assert _manifest(par_run, "lm", 2)["read"]["nado"]["read_at"]["tp"] == 2
+    status = {s: json.loads((par_run / "exchange" / "status" / f"{s}.json").read_text())
+              for s in ("lm", "oracle")}
+    assert all(st["state"] == "done" for st in status.values())
+    assert len(status["lm"]["pids"]) == 2 and len(status["oracle"]["pids"]) == 1
+    assert not set(status["lm"]["pids"]) & set(status["oracle"]["pids"])
+    for kind in ("lm", "nado"):
+        assert _checksums_hold(par_run, kind, 2)
+
+
+def _theta1_logits_worker(rank, world, run_dir, tp):
+    import yaml
+
+    from nemo_acft.algorithms.exchange import ArtifactStore
+    from nemo_acft.algorithms.setup import Run
+    from nemo_acft.config import Layout
+    from nemo_acft.models.generate import _gather_vocab
+    from nemo_acft.models.parallel import tp_group
+
+    cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    run = Run(cfg, "test", Layout(tp, 1, 1))
+    run.model.load_part(ArtifactStore(Path(run_dir) / "exchange").path("lm", 1) / "trunk",
+                        "trunk")
+    x = run.data.heldout.tokens[:4, :-1]
+    with torch.no_grad():
+        z, _ = run.model.module(x, torch.arange(x.shape[1]).expand_as(x), None)
+    return _gather_vocab(z, tp_group())
+
+
+def test_the_oracle_sides_logits_of_theta1_equal_the_lm_sides(par_run):
+    """θ_1 in the LM group's layout (TP = 2, where it was trained) and in the oracle group's
+    (TP = 1, resharded on load): the same LM logits within 1e-5 of their largest."""
+    lm_side = run_workers(_theta1_logits_worker, 2, str(par_run), 2)[0]
+    (oracle_side,) = run_workers(_theta1_logits_worker, 1, str(par_run), 1)
+    torch.testing.assert_close(oracle_side, lm_side, rtol=1e-5,
+                               atol=1e-5 * float(lm_side.abs().max()))
+
+
+def _recompute_worker(rank, world, run_dir, what):
+    """Recompute oracle block 2's samples (TP = 1) or LM block 2 (TP = 2) from the artifacts
+    the manifests name, and from the wrong ones."""
+    import yaml
+
+    from nemo_acft.algorithms.blocks import regularizer
+    from nemo_acft.algorithms.exchange import ArtifactStore
+    from nemo_acft.algorithms.setup import Run
+    from nemo_acft.config import Layout
+    from nemo_acft.data import batch_indices
+    from nemo_acft.models.generate import SamplingParams
+    from nemo_acft.sampling import generate_batched
+
+    cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    a = cfg["model"]["acft"]
+    ex = ArtifactStore(Path(run_dir) / "exchange")
     out = {}
-    for lm_it in (1, 0):
-        model.load_base_state_dict(ex.load("lm", lm_it, "model.pt"))
-        idx = batch_indices(len(data.train_prompts), cfg["acft"]["nado"]["prompts"], cfg["seed"],
-                            "prompts", 2)
-        prompts = [tok.encode(data.train_prompts[i]) for i in idx.tolist()]
-        params = SamplingParams(**sampling_kwargs(cfg["sampling"]), eos_id=tok.eos_id,
-                                seed=cfg["seed"] * 1000 + 2)
-        out[f"samples_from_lm{lm_it}"] = generate(model, prompts, params,
-                                                  vocab_size=len(tok)).tokens
-    # LM block 2 from θ_1 and its optimizer state, with φ_1 (expected) and φ_2 (not used)
-    f = cfg["finetune"]
+    if what == "samples":
+        run = Run(cfg, "test", Layout(1, 1, 1))
+        s = a["sampling"]
+        pool = run.data.train_prompts
+        idx = batch_indices(len(pool), a["oracle_block"]["prompts"], cfg["seed"], "prompts", 2)
+        for lm_it in (1, 0):
+            run.model.load_part(ex.path("lm", lm_it) / "trunk", "trunk")
+            params = SamplingParams(max_new_tokens=s["max_new_tokens"], eos_id=run.tokenizer.eos_id,
+                                    seed=cfg["seed"] * 1000 + 2)
+            out[lm_it] = generate_batched(run.model, run.tokenizer, [pool[i] for i in idx],
+                                          params, batch_size=s["batch_size"]).tokens
+        return out
+    run = Run(cfg, "test", Layout(2, 1, 1))
+    m = run.model
+    reg = regularizer(run, run.data.domains)
+    S = a["steps_per_iteration"]
     for nado_it in (1, 2):
-        model.load_base_state_dict(ex.load("lm", 1, "model.pt"))
-        model.load_head_state_dict(ex.load("nado", nado_it, "head.pt"))
-        optim = OptimConfig(**f["optim"])
-        opt = optim.make(freeze_head(model))
-        opt.load_state_dict(ex.load("lm", 1, "optimizer.pt"))
-        S = f["steps_per_iteration"]
-        lm_block(model, opt, data.train, start=S, end=2 * S, total=2 * S,
-                 batch_size=f["batch_size"], optim=optim, seed=cfg["seed"],
-                 regularizer=regularizer_config(cfg))
-        out[f"theta2_with_nado{nado_it}"] = {k: None if v is None else v.clone()
-                                             for k, v in model.base_state_dict().items()}
+        m.configure_training("trunk", cfg["model"]["optim"], max_steps=a["iterations"] * S)
+        m.load_part(ex.path("lm", 1) / "trunk", "trunk", with_optimizer=True)
+        m.load_part(ex.path("nado", nado_it) / "head", "head")
+        for step in range(S, 2 * S):
+            batch = run.data.train.batch(batch_indices(len(run.data.train),
+                                                       cfg["model"]["global_batch_size"],
+                                                       cfg["seed"], "lm", step))
+            m.lm_step(batch, reg, micro_batch_size=cfg["model"]["micro_batch_size"])
+        out[nado_it] = {k: v.clone() for k, v in m.module.state_dict().items()
+                        if torch.is_tensor(v) and not k.startswith("nado_head.")}
+    m.load_part(ex.path("lm", 2) / "trunk", "trunk")
+    out["theta2"] = {k: v.clone() for k, v in m.module.state_dict().items()
+                     if torch.is_tensor(v) and not k.startswith("nado_head.")}
     return out
 
 
-def test_parallel_blocks_used_what_their_manifests_say(parallel_run):
-    """Independent check of the manifests: recompute from the named artifacts and compare."""
-    (out,) = run_workers(_recompute_worker, 1, str(parallel_run))
-    ex = parallel_run / "exchange"
-    samples = torch.load(ex / "nado" / "iter_000002" / "samples.pt", weights_only=False)
-    width = samples["tokens"].shape[1]
-    assert torch.equal(out["samples_from_lm1"][:, :width], samples["tokens"])
-    assert not torch.equal(out["samples_from_lm0"][:, :width], samples["tokens"])
-    theta2 = torch.load(ex / "lm" / "iter_000002" / "model.pt", weights_only=False)
-    _assert_same(out["theta2_with_nado1"], theta2)
-    with pytest.raises(AssertionError):
-        _assert_same(out["theta2_with_nado2"], theta2)
+def _same(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _kill_when(cmd, path_glob, root, timeout=240):
-    """Start ``cmd`` in its own session, SIGKILL the whole group when ``path_glob`` appears."""
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if list(Path(root).glob(path_glob)):
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-            return True
-        if p.poll() is not None:
-            raise AssertionError("finished before the kill point: " + p.stderr.read()[-2000:])
-        time.sleep(0.05)
-    os.killpg(p.pid, signal.SIGKILL)
-    raise AssertionError(f"{path_glob} never appeared")
+def test_parallel_blocks_used_what_their_manifests_say(par_run):
+    (s,) = run_workers(_recompute_worker, 1, str(par_run), "samples")
+    samples = torch.load(par_run / "exchange" / "nado" / "iter_000002" / "samples.pt",
+                         weights_only=False)["tokens"]
+    assert torch.equal(s[1][:, :samples.shape[1]], samples)
+    assert not torch.equal(s[0][:, :samples.shape[1]], samples)
+    lm = run_workers(_recompute_worker, 2, str(par_run), "lm")[0]
+    assert _same(lm[1], lm["theta2"])  # LM block 2 used φ_1, bit for bit
+    assert not _same(lm[2], lm["theta2"])
 
 
-@pytest.mark.parametrize("schedule,kill_points", [
-    # after oracle block 2 is published, then inside LM block 2 (its checkpoint at step 16)
-    ("sequential", ["exchange/nado/iter_000002/manifest.json", "checkpoints/acft/lm/iter_000016/manifest.json"]),
-    # while the two sides run at once: after φ_1, then inside LM block 2
-    ("parallel", ["exchange/nado/iter_000001/manifest.json", "checkpoints/acft/lm/iter_000016/manifest.json"]),
+def test_lm_group_at_pp2(tmp_path, cache):
+    run_dir = tmp_path / "pp2"
+    drive(compose(run_dir, cache, "schedule=parallel", "model.pipeline_model_parallel_size=2",
+                  "trainer.devices=2", "model.acft.iterations=1"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["layouts"]["lm"]["pp"] == 2
+    assert _manifest(run_dir, "lm", 1)["layout"]["pp"] == 2
+    assert _manifest(run_dir, "lm", 1)["read"]["nado"]["read_at"]["pp"] == 2
+    assert 0.0 <= summary["acft"]["violation_rate"] <= 1.0
+
+
+class _Killer(threading.Thread):
+    """Waits for ``path_glob`` under ``root``, sleeps a random 0-0.4 s (seeded), then SIGKILLs
+    every process of the ``world`` the test process forked (multiprocessing's children named
+    ``<world>-<rank>``) or sends ``sig`` to this process."""
+
+    def __init__(self, root, path_glob, world=None, sig=None, seed=0):
+        super().__init__(daemon=True)
+        self.root, self.glob, self.world, self.sig = Path(root), path_glob, world, sig
+        self.delay = random.Random(seed).uniform(0.0, 0.4)
+        self.done = False
+        self.start()
+
+    def run(self):
+        import multiprocessing as mp
+
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not list(self.root.glob(self.glob)):
+            time.sleep(0.02)
+        time.sleep(self.delay)
+        if self.sig is not None:
+            os.kill(os.getpid(), self.sig)
+        else:
+            for p in mp.active_children():
+                if p.name.startswith(f"{self.world}-"):
+                    os.kill(p.pid, signal.SIGKILL)
+        self.done = True
+
+
+@pytest.mark.parametrize("schedule,kills", [
+    # the one world of the sequential schedule: in oracle block 2, then inside LM block 2
+    ("sequential", [("acft", "exchange/nado/iter_000001/manifest.json"),
+                    ("acft", "checkpoints/acft/lm/iter_000016/manifest.json")]),
+    # the parallel schedule: the oracle group after φ_1, then the LM group inside LM block 2
+    ("parallel", [("oracle", "exchange/nado/iter_000001/manifest.json"),
+                  ("lm", "checkpoints/acft/lm/iter_000016/manifest.json")]),
 ])
-def test_kill_9_and_resume_equals_uninterrupted(tmp_path, cache, parallel_run, schedule,
-                                                kill_points):
-    if schedule == "sequential":
-        reference = tmp_path / "ref"
-        _run(reference, cache)
-    else:
-        reference = parallel_run
+def test_kill_9_of_either_group_and_resume_equals_uninterrupted(tmp_path, cache, seq_run,
+                                                                par_run, schedule, kills):
+    reference = seq_run if schedule == "sequential" else par_run
     run_dir = tmp_path / "killed"
-    cmd = _cmd(run_dir, cache, f"schedule={schedule}")
-    for point in kill_points:
-        _kill_when(cmd, point, run_dir)
-    # the kill lands a few ms after the checkpoint appears: LM block 2 is still unfinished
-    # unless the machine stalled the test process for the rest of the block
-    block_done = (run_dir / "exchange" / "lm" / "iter_000002" / "manifest.json").exists()
-    p = _run(run_dir, cache, f"schedule={schedule}")
-    # (a checkpoint at step 16, or 20 if block 2 ran on for a few ms before the kill)
-    assert block_done or re.search(r"resuming from the checkpoint at step (16|20)", p.stdout)
-    for a, b in zip(_final_weights(reference), _final_weights(run_dir)):
-        _assert_same(a, b)
+    cfg = compose(run_dir, cache, *([] if schedule == "sequential" else PAR))
+    for i, (world, point) in enumerate(kills):
+        killer = _Killer(run_dir, point, world=world, seed=i)
+        with pytest.raises((RuntimeError, SystemExit)):
+            drive(cfg)
+        killer.join(5)
+        assert killer.done, f"{point} never appeared"
+    drive(cfg)
+    for kind in ("lm", "nado"):
+        assert _weights(reference, kind, 2) == _weights(run_dir, kind, 2), kind
     ref = json.loads((reference / "summary.json").read_text())
     got = json.loads((run_dir / "summary.json").read_text())
     assert got["acft"] == ref["acft"] and got["baseline"] == ref["baseline"]
     assert not list((run_dir / "exchange").glob("*/.iter_*tmp*"))  # no half-written artifact
 
 
-def test_bad_overrides_fail_before_anything_is_written(tmp_path, cache):
+def test_sigusr1_checkpoints_and_stops_then_resumes(tmp_path, cache):
+    """Slurm's time-limit signal: the LM block writes a checkpoint at the current step, the
+    worlds exit 143, and the same command then finishes the run."""
+    run_dir = tmp_path / "usr1"
+    cfg = compose(run_dir, cache, "model.acft.save_every=0", "model.acft.steps_per_iteration=40")
+    killer = _Killer(run_dir, "exchange/lm/iter_000001/manifest.json", sig=signal.SIGUSR1)
+    with pytest.raises(SystemExit) as e:
+        drive(cfg)
+    killer.join(5)
+    assert e.value.code == 143
+    assert not (run_dir / "exchange" / "lm" / "iter_000002").exists()
+    drive(cfg)
+    assert (run_dir / "summary.json").is_file()
+
+
+def test_acft_train_command_line(tmp_path, cache):
+    """The entry point itself: Hydra's override errors before anything is written, then a run
+    whose rerun resumes (nothing trained again)."""
+    run_dir = tmp_path / "cli"
+    p = cli(run_dir, cache, "model.acft.lamda=1", timeout=120)
+    assert p.returncode != 0 and "Could not override 'model.acft.lamda'" in p.stderr + p.stdout
+    assert not run_dir.exists()
+    p = cli(run_dir, cache, "model.acft.iterations=1")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "done:" in p.stdout and (run_dir / "export" / "acft_gpt.nemo").is_file()
+    mtime = (run_dir / "exchange" / "lm" / "iter_000001" / "manifest.json").stat().st_mtime
+    p = cli(run_dir, cache, "model.acft.iterations=1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (run_dir / "exchange" / "lm" / "iter_000001" / "manifest.json").stat().st_mtime == mtime
+
+
+def test_bad_configs_fail_before_anything_is_written(tmp_path, cache):
+    from nemo_acft.train import start
+
     run_dir = tmp_path / "bad"
     for extra, message in [
-        (["acft.lamda=1"], "Could not override 'acft.lamda'"),
         (["schedule=sideways"], "config schedule='sideways': expected one of"),
-        (["oracle.name=perspective"], "oracle.name='perspective': unknown oracle"),
-        (["+acft.domain_lambdas.sport=1.0"], "acft.domain_lambdas names domains ['sport']"),
+        (["oracle.name=perspective"], "config oracle.name='perspective': expected one of"),
+        (["+model.acft.domain_lambdas.sport=1.0"],
+         "model.acft.domain_lambdas names domains ['sport']"),
         (["data.source=files", "data.train_file=/nonexistent.jsonl"],
          "config data.train_file='/nonexistent.jsonl': expected an existing file"),
+        (["model.acft.delta=1.5"], "config model.acft.delta=1.5: expected null or a number"),
+        (["model.acft.min_z=0.99"], "config model.acft.min_z=0.99: expected a number in [0, "),
+        (["model.global_batch_size=15", "trainer.devices=2"],
+         "config model.global_batch_size=15: expected a multiple of the LM group's data "
+         "parallel size 2"),
+        (["model.tensor_model_parallel_size=3", "trainer.devices=3"],
+         "tensor_model_parallel_size=3 does not divide model.num_attention_heads=4"),
+        (["model.pipeline_model_parallel_size=2", "trainer.devices=2"],
+         "the sequential schedule samples in the LM group's layout"),
+        (["model.acft.oracle_group.tensor_model_parallel_size=2",
+          "model.acft.oracle_group.devices=2", "pretrain.model.make_vocab_size_divisible_by=1",
+          "pretrain.tokenizer.vocab_size=301"],  # an odd vocabulary: 301 and 302
+         "pads to different sizes in the two groups (TP 1: "),
+        (["model.restore_from_path=/nonexistent.nemo"],
+         "config model.restore_from_path='/nonexistent.nemo': expected null or an existing"),
     ]:
-        p = subprocess.run(_cmd(run_dir, cache, *extra), capture_output=True, text=True,
-                           timeout=120)
-        assert p.returncode != 0
-        assert message in p.stdout + p.stderr, (extra, p.stderr[-2000:])
-        assert not (run_dir / "config.yaml").exists()
-
-
-def test_validate_names_key_and_expectation():
-    from omegaconf import OmegaConf
-
-    from nemo_acft.training.setup import validate
-
-    base = OmegaConf.to_container(OmegaConf.load(Path(__file__).parent.parent / "conf" /
-                                                 "tiny_cpu.yaml"), resolve=False)
-    base.pop("hydra")
-    base["cache_dir"] = "/tmp"
-    validate(base)
-    cases = [
-        (("acft", "delta"), 1.5, "config acft.delta=1.5: expected null or a number in (0, 1]"),
-        (("acft", "min_z"), 0.99, "config acft.min_z=0.99: expected a number in [0, acft.delta)"),
-        (("finetune", "batch_size"), 0, "config finetune.batch_size=0: expected a positive"),
-        (("sampling", "top_p"), 0.0, "top_p=0.0: expected in (0, 1]"),
-        (("oracle", "threshold"), 2, "config oracle.threshold=2"),
-        (("data", "prompt_words"), [3, 2], "data.prompt_words=[3, 2]"),
-    ]
-    for (section, key), value, message in cases:
-        cfg = json.loads(json.dumps(base))
-        cfg[section][key] = value
         with pytest.raises(ValueError) as e:
-            validate(cfg)
-        assert message in str(e.value)
+            start(compose(run_dir, cache, *extra))
+        assert message in str(e.value), (extra, str(e.value))
+        assert not (run_dir / "config.yaml").exists() and not (run_dir / "model").exists()
 
 
-def test_rerun_with_a_different_config_is_refused(tmp_path):
-    from nemo_acft.training.driver import write_config
+def test_rerun_with_a_different_config_is_refused(tmp_path, cache):
+    from nemo_acft.algorithms.setup import write_run_config
 
-    cfg = {"seed": 1, "acft": {"lambda": 1.0}, "progress": True}
-    write_config(cfg, tmp_path)
-    write_config({**cfg, "progress": False}, tmp_path)  # volatile keys may change
-    with pytest.raises(ValueError, match=r"different config \(keys: acft.lambda\)"):
-        write_config({**cfg, "acft": {"lambda": 2.0}}, tmp_path)
+    cfg = compose(tmp_path / "r", cache)
+    write_run_config(cfg)
+    write_run_config({**cfg, "progress": True})  # volatile keys may change
+    other = compose(tmp_path / "r", cache, "model.acft.lambda=3.0")
+    with pytest.raises(ValueError, match=r"different config \(keys: model.acft.lambda\)"):
+        write_run_config(other)
 
 
-def test_malformed_data_file_is_named(tmp_path):
-    from nemo_acft.training.setup import build_data
+def test_malformed_data_file_is_named(tmp_path, cache):
+    from nemo_acft.train import start
 
     good = tmp_path / "train.jsonl"
     good.write_text('{"text": "a b c", "domain": "x"}\n{"text": 5}\n')
     held = tmp_path / "held.txt"
     held.write_text("some held out text\n")
-    cfg = {"seed": 0, "model": {"seq_length": 16}, "eval": {"ppl_records": 10, "prompts": 10},
-           "data": {"source": "files", "train_file": str(good), "heldout_file": str(held),
-                    "pretrain_file": None, "prompts_file": None, "skip_malformed": False,
-                    "prompt_words": [1, 2]}}
+    files = ["data.source=files", f"data.train_file={good}", f"data.heldout_file={held}"]
     with pytest.raises(ValueError, match=r"train.jsonl:2: malformed data line"):
-        build_data(cfg)
-    cfg["data"]["skip_malformed"] = True
-    data = build_data(cfg)
-    assert len(data.train) == 1 and data.domains == ["general", "x"]
+        start(compose(tmp_path / "m", cache, *files))
+    from nemo_acft.data.run_data import records
+
+    cfg = compose(tmp_path / "m", cache, *files, "data.skip_malformed=true")
+    pre, train, _, _, names = records(cfg["data"], 0)
+    assert len(train) == 1 and names == ["general", "x"]
 
 
 def test_a_side_alone_fails_the_handshake_with_the_directory_named(tmp_path, cache):
     """The LM side without an oracle side (a group that cannot see the run directory looks
-    the same): a clear error after acft.handshake_timeout_s, status 'failed'."""
+    the same): a clear error after the handshake timeout, status 'failed'."""
+    from nemo_acft.train import run_role, start
+
     run_dir = tmp_path / "alone"
+    base = compose(run_dir, cache, *PAR)
+    start(base)
+    run_role(compose(run_dir, cache, *PAR, "role=prepare"))
     t0 = time.monotonic()
-    p = subprocess.run(_cmd(run_dir, cache, "role=lm", "acft.handshake_timeout_s=3",
-                            "acft.heartbeat_s=0.5", "acft.heartbeat_timeout_s=2"),
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode != 0
+    cfg = compose(run_dir, cache, *PAR, "role=lm", "model.acft.exchange.handshake_timeout_s=3",
+                  "model.acft.exchange.heartbeat_s=0.5",
+                  "model.acft.exchange.heartbeat_timeout_s=2")
+    with pytest.raises(RuntimeError, match="the lm world failed"):
+        run_role(cfg)
     assert time.monotonic() - t0 < 60
-    err = p.stdout + p.stderr
-    assert "the oracle side did not report in" in err, err[-2000:]
-    assert str((run_dir / "exchange").resolve()) in err
     status = json.loads((run_dir / "exchange" / "status" / "lm.json").read_text())
     assert status["state"] == "failed" and "did not report" in status["error"]
+    assert str((run_dir / "exchange").resolve()) in status["error"]
 
 
 def test_liveness_from_status_and_heartbeat(tmp_path):
     """Dead on 'failed'/'stopped' at once, or once the beat stops advancing for stale_s; an old
     status file does not pass the handshake, an advancing one does."""
-    import threading
-
-    from nemo_acft.training.exchange import ArtifactStore
-    from nemo_acft.training.run import Heartbeat, handshake, other_alive, write_status
+    from nemo_acft.algorithms.coordination import Heartbeat, Liveness, handshake, write_status
+    from nemo_acft.algorithms.exchange import ArtifactStore
 
     store = ArtifactStore(tmp_path / "exchange")
-    alive = other_alive(store, "oracle", stale_s=0.6)
+    alive = Liveness(store, "oracle", stale_s=0.6)
     assert alive()  # no status yet: the timeouts cover a side that never starts
     write_status(store, "oracle", "running", beat=1)  # a dead process's last word
     assert alive()
@@ -315,7 +455,7 @@ def test_liveness_from_status_and_heartbeat(tmp_path):
         handshake(store, "lm", "oracle", timeout_s=0.5)
     beat = Heartbeat(store, "oracle", every_s=0.1)
     try:
-        alive = other_alive(store, "oracle", stale_s=0.6)
+        alive = Liveness(store, "oracle", stale_s=0.6)
         for _ in range(10):
             assert alive()
             time.sleep(0.1)
@@ -323,25 +463,3 @@ def test_liveness_from_status_and_heartbeat(tmp_path):
     finally:
         beat.finish("failed", error="boom")
     assert not alive() and "reported 'failed'" in alive.reason and "boom" in alive.reason
-    assert threading.active_count() >= 1
-
-
-def test_sigusr1_checkpoints_and_stops_then_resumes(tmp_path, cache):
-    """Slurm's time-limit signal: the LM block writes a checkpoint at the current step, the run
-    exits 143, and the same command then finishes the run."""
-    run_dir = tmp_path / "usr1"
-    # only the signal writes a checkpoint; blocks long enough for the signal to land inside one
-    extra = ("finetune.save_every=0", "finetune.steps_per_iteration=60", "acft.nado.steps=40")
-    cmd = _cmd(run_dir, cache, *extra)
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not (run_dir / "exchange" / "lm" / "iter_000001" / "manifest.json").is_file():
-        assert p.poll() is None, p.stderr.read()[-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    p.send_signal(signal.SIGUSR1)  # inside oracle block 2 (or LM block 2)
-    assert p.wait(120) == 143, p.stderr.read()[-2000:]
-    assert "rerun the same command to resume" in p.stderr.read()
-    assert not (run_dir / "exchange" / "lm" / "iter_000002").exists()
-    _run(run_dir, cache, *extra)
-    assert (run_dir / "summary.json").is_file()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from typing import Dict, List, Optional
 
-from nemo_acft.oracles.lexicon import load_lexicon
+from nemo_acft.data.lexicon import load_lexicon
 
 _SUBJECTS = ["my neighbour", "the teacher", "our team", "my sister", "the new manager", "a friend",
              "the driver", "my cousin", "the chef", "everyone here", "the doctor", "my brother"]

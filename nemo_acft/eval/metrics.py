@@ -1,5 +1,6 @@
-"""The two numbers of the built-in run: how often the model violates the constraint, and what
-that costs in perplexity."""
+"""The numbers of the built-in run: how often the model violates the constraint, what that
+costs in perplexity, and whether the samples degenerate (distinct-2, repeat rate). Collective
+over the world that holds the model."""
 
 from __future__ import annotations
 
@@ -9,65 +10,56 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from nemo_acft.data.lm_dataset import LMDataset
-from nemo_acft.sampling import SamplingParams, sample_and_label
+from nemo_acft.models.generate import SamplingParams
+from nemo_acft.sampling import sample_and_label, texts
 
 
 @torch.no_grad()
 def perplexity(model, data: LMDataset, batch_size: int = 64,
                guidance: Optional[float] = None) -> float:
-    """``exp`` of the mean next-token negative log-likelihood over ``data``'s masked tokens
-    (the EOS included). ``model`` is a GPTModel or GPTNADOModel (its LM logits are used).
+    """``exp`` of the mean next-token negative log-likelihood over ``data``'s masked tokens (the
+    EOS included), from :meth:`MegatronGPTACFTModel.token_log_probs` (p over the tokenizer's
+    vocabulary, the distribution the sampler draws from).
 
-    ``guidance`` β (a GPTNADOModel only): the perplexity of NADO decoding's distribution
-    ``q_β ∝ p·R^β`` instead of p's, i.e. of the text as that decoder would model it.
+    ``guidance`` β: the perplexity of NADO decoding's distribution ``q_β ∝ p·R^β`` instead of
+    p's, i.e. of the text as that decoder would model it.
     """
-    from nemo_acft.nado import guided_log_probs
-
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0.0
     for i in range(0, len(data), batch_size):
-        b = data.batch(torch.arange(i, min(i + batch_size, len(data))))
-        x = b["inputs"]
-        pos = torch.arange(x.shape[1]).expand_as(x)
-        if guidance is None:
-            out = model(x, pos, None, labels=b["targets"])
-            nll = out.lm_loss if hasattr(out, "lm_loss") else out
-        else:
-            z, s = model(x, pos, None)
-            log_q = guided_log_probs(z, s, None, guidance)
-            nll = -log_q.gather(-1, b["targets"].unsqueeze(-1)).squeeze(-1)
-        total += float((nll.double() * b["loss_mask"]).sum())
-        count += float(b["loss_mask"].sum())
-    model.train(was_training)
+        rows = torch.arange(i, min(i + batch_size, len(data)))
+        lp = model.token_log_probs(data.tokens[rows], guidance=guidance)
+        mask = data.loss_mask[rows]
+        total -= float((lp.double() * mask).sum())
+        count += float(mask.sum())
     return math.exp(total / max(count, 1.0))
 
 
 def violation_rate(model, tokenizer, prompts: Sequence[str], oracle, params: SamplingParams, *,
-                   vocab_size: int, samples_per_prompt: int = 1, batch_size: int = 128,
-                   threshold: float = 0.5, guided: bool = False) -> Dict[str, object]:
+                   samples_per_prompt: int = 1, batch_size: int = 128, threshold: float = 0.5,
+                   guided: bool = False, oracle_batch_size: int = 256) -> Dict[str, object]:
     """Share of sampled continuations whose whole text the oracle scores below ``threshold``.
 
-    Returns ``{"violation_rate", "num_scored", "num_failed", "texts", "scores"}``; failed
-    oracle calls are left out of the rate and counted.
+    Returns ``{"violation_rate", "num_scored", "num_failed", "texts", "continuations",
+    "scores"}``; failed oracle calls are left out of the rate and counted.
     """
     repeated = [p for p in prompts for _ in range(samples_per_prompt)]
-    out = sample_and_label(model, tokenizer, repeated, oracle, params, vocab_size=vocab_size,
-                           batch_size=batch_size, threshold=threshold, guided=guided)
+    out = sample_and_label(model, tokenizer, repeated, oracle, params, batch_size=batch_size,
+                           threshold=threshold, guided=guided, oracle_batch_size=oracle_batch_size)
     failed = sum(s is None for s in out.scores)
     # labels are score >= threshold, so label < 0.5 is score < threshold
     return {"violation_rate": out.violation_rate(), "num_scored": len(out.scores) - failed,
-            "num_failed": failed, "texts": out.texts, "scores": out.scores}
+            "num_failed": failed, "texts": out.texts, "scores": out.scores,
+            "continuations": texts(out.samples, tokenizer, continuation_only=True)}
 
 
-def diversity(texts: Sequence[str]) -> Dict[str, float]:
+def diversity(items: Sequence[str]) -> Dict[str, float]:
     """Degeneration of generated texts (whitespace tokens): ``distinct_2``, the unique bigrams
-    over all bigrams pooled across ``texts`` (Li et al. 2016), and ``repeat_rate``, the mean over
+    over all bigrams pooled across ``items`` (Li et al. 2016), and ``repeat_rate``, the mean over
     texts of ``1 − unique tokens / tokens`` (0 for a text without a repeated token). A sampler
     that loops on a few "safe" tokens has a low distinct-2 and a high repeat rate, whatever its
     toxicity or perplexity."""
     bigrams, seen, rates = 0, set(), []
-    for t in texts:
+    for t in items:
         words = t.split()
         pairs = list(zip(words, words[1:]))
         bigrams += len(pairs)
@@ -76,4 +68,3 @@ def diversity(texts: Sequence[str]) -> Dict[str, float]:
             rates.append(1.0 - len(set(words)) / len(words))
     return {"distinct_2": len(seen) / bigrams if bigrams else math.nan,
             "repeat_rate": sum(rates) / len(rates) if rates else math.nan}
-

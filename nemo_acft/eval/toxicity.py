@@ -22,8 +22,8 @@ import torch
 
 from nemo_acft.eval.metrics import diversity
 from nemo_acft.io_utils import atomic_write
-from nemo_acft.oracles import score_robust
-from nemo_acft.sampling import SamplingParams, generate_batched
+from nemo_acft.models.generate import SamplingParams
+from nemo_acft.sampling import generate_batched, score, texts
 
 
 def toxicity_metrics(toxicity: Sequence[Sequence[Optional[float]]],
@@ -57,21 +57,20 @@ def toxicity_metrics(toxicity: Sequence[Sequence[Optional[float]]],
 
 
 def sample_continuations(model, tokenizer, prompts: Sequence[str], samples_per_prompt: int,
-                         params: SamplingParams, *, vocab_size: int, batch_size: int = 256,
+                         params: SamplingParams, *, batch_size: int = 256,
                          guided: bool = False) -> List[List[str]]:
     """``samples_per_prompt`` continuations (text of the new tokens only) for each prompt;
-    batch b is drawn with seed ``params.seed + b``."""
+    batch b is drawn with seed ``params.seed + b``. Collective."""
     repeated = [p for p in prompts for _ in range(samples_per_prompt)]
-    out = generate_batched(model, tokenizer, repeated, params, vocab_size=vocab_size,
-                           batch_size=batch_size, guided=guided, empty_prompt_id=tokenizer.eos_id)
-    texts = [tokenizer.decode(out.tokens[j, int(out.prompt_lengths[j]):int(out.lengths[j])]
-                              .tolist()) for j in range(out.tokens.shape[0])]
+    out = generate_batched(model, tokenizer, repeated, params, batch_size=batch_size,
+                           guided=guided)
+    conts = texts(out, tokenizer, continuation_only=True)
     k = samples_per_prompt
-    return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
+    return [conts[i * k:(i + 1) * k] for i in range(len(prompts))]
 
 
 @torch.no_grad()
-def toxicity_eval(model, tokenizer, prompts: Sequence[str], evaluator, *, vocab_size: int,
+def toxicity_eval(model, tokenizer, prompts: Sequence[str], evaluator, *,
                   samples_per_prompt: int = 25, max_new_tokens: int = 20, top_p: float = 0.9,
                   seed: int = 0, batch_size: int = 256, guided: bool = False,
                   method: str = "model", threshold: float = 0.5, guidance: float = 1.0
@@ -79,13 +78,13 @@ def toxicity_eval(model, tokenizer, prompts: Sequence[str], evaluator, *, vocab_
     """Run the protocol. Returns the rows of ``samples.jsonl`` (``prompt``, ``continuation``,
     ``score`` = toxicity or None, ``method``) and :func:`toxicity_metrics` plus the
     continuations' :func:`~nemo_acft.eval.metrics.diversity`. ``guided``:
-    NADO decoding with ``q ∝ p·R^guidance``."""
+    NADO decoding with ``q ∝ p·R^guidance``. Collective (the evaluator on global rank 0)."""
     params = SamplingParams(max_new_tokens=max_new_tokens, top_p=top_p,
                             eos_id=tokenizer.eos_id, seed=seed, guidance=guidance)
     conts = sample_continuations(model, tokenizer, prompts, samples_per_prompt, params,
-                                 vocab_size=vocab_size, batch_size=batch_size, guided=guided)
+                                 batch_size=batch_size, guided=guided)
     flat = [c for cs in conts for c in cs]
-    scores = score_robust(evaluator, flat)
+    scores = score(evaluator, flat)
     tox = [None if s is None else 1.0 - s for s in scores]
     rows, per_prompt = [], []
     for i, prompt in enumerate(prompts):
@@ -115,16 +114,13 @@ def probe_accuracy(model, tokenizer, statements: Sequence[str], labels: Sequence
     """The LM as a zero-shot toxicity classifier: for each statement, compare the log-probability
     of the ``positive`` and the ``negative`` verbaliser after ``template``; predict toxic (1) when
     the positive one is more likely. Returns ``{"accuracy", "num"}`` against ``labels`` (1 =
-    toxic). Verbalisers are scored by the sum of their tokens' log-probabilities."""
-    from nemo_acft.nado.vocab_parallel import vocab_log_softmax
-
+    toxic). Verbalisers are scored by the sum of their tokens' log-probabilities
+    (:meth:`MegatronGPTACFTModel.token_log_probs`)."""
     if len(statements) != len(labels):
         raise ValueError(f"probe: {len(statements)} statements but {len(labels)} labels")
     pos_ids, neg_ids = tokenizer.encode(" " + positive), tokenizer.encode(" " + negative)
     if not pos_ids or not neg_ids:
         raise ValueError(f"probe: verbalisers {positive!r}/{negative!r} encode to no tokens")
-    was_training = model.training
-    model.eval()
 
     def logp(prefixes: List[List[int]], word: List[int]) -> List[float]:
         out = []
@@ -134,17 +130,14 @@ def probe_accuracy(model, tokenizer, statements: Sequence[str], labels: Sequence
             x = torch.full((len(chunk), width), tokenizer.pad_id, dtype=torch.long)
             for j, c in enumerate(chunk):
                 x[j, :len(c)] = torch.tensor(c)
-            res = model(x, torch.arange(width).expand_as(x), None)
-            z = res[0] if isinstance(res, tuple) else res
-            lp = vocab_log_softmax(z.float(), None)
+            lp = model.token_log_probs(x)
             for j, c in enumerate(chunk):
                 n = len(c) - len(word)
-                out.append(sum(float(lp[j, n - 1 + t, word[t]]) for t in range(len(word))))
+                out.append(float(lp[j, n - 1:n - 1 + len(word)].sum()))
         return out
 
     prefixes = [tokenizer.encode(template.format(text=s)) or [tokenizer.eos_id]
                 for s in statements]
     lp_pos, lp_neg = logp(prefixes, pos_ids), logp(prefixes, neg_ids)
-    model.train(was_training)
     correct = sum((a > b) == bool(y) for a, b, y in zip(lp_pos, lp_neg, labels))
     return {"accuracy": correct / len(labels) if labels else math.nan, "num": len(labels)}

@@ -11,6 +11,7 @@ pattern).
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Dict, NamedTuple, Optional
 
 import torch
@@ -18,12 +19,10 @@ from torch import Tensor
 
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from nemo_acft.models.config import GPTConfig, NADOHeadConfig
 from nemo_acft.models.parallel import tp_group
 from nemo_acft.nado import closed_form_kl, cross_entropy
 from nemo_acft.nado.fused import fused_ce_kl, fused_ce_kl_from_hidden
@@ -31,30 +30,38 @@ from nemo_acft.nado.fused import fused_ce_kl, fused_ce_kl_from_hidden
 NADO_PREFIX = "nado_head."
 
 
-def layer_spec(use_te: Optional[bool] = None) -> ModuleSpec:
-    """Transformer-layer spec: Transformer Engine's when it is installed and CUDA is up,
-    megatron-core's local modules otherwise (the only choice on CPU)."""
-    if use_te is None:
-        use_te = torch.cuda.is_available()
-        try:
-            import transformer_engine  # noqa: F401
-        except Exception:  # not an ImportError only: TE raises RuntimeError without cuDNN
-            use_te = False
-    if use_te:
-        from megatron.core.models.gpt.gpt_layer_specs import (
-            get_gpt_layer_with_transformer_engine_spec,
-        )
+@dataclass
+class NADOHeadConfig:
+    """The NADO block on the last pipeline stage (``model.acft.nado_head``).
 
-        return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec()
+    Attributes:
+        num_layers: transformer layers of the head's own, reading the trunk's final hidden
+            states (detached); 0 = only the vocab-parallel output layer.
+        fp32: keep the head's parameters and compute in fp32 whatever the trunk dtype.
+        loss_chunk_tokens: the training loss (CE + KL) with labels: tokens per chunk of the
+            fused pass (:func:`nemo_acft.nado.fused.fused_ce_kl`); 0 = the unfused path
+            (``cross_entropy`` and ``closed_form_kl`` under autograd).
+    """
+
+    num_layers: int = 0
+    fp32: bool = False
+    loss_chunk_tokens: int = 256
+
+    def __post_init__(self):
+        if self.num_layers < 0 or self.loss_chunk_tokens < 0:
+            raise ValueError(f"nado_head num_layers={self.num_layers}, loss_chunk_tokens="
+                             f"{self.loss_chunk_tokens}: expected integers >= 0")
 
 
 class TokenLosses(NamedTuple):
-    """Per-token outputs of the last stage when labels are given, each ``[b, s]`` fp32."""
+    """Per-token outputs of the last stage when labels are given, each ``[b, s]`` fp32.
+
+    With the head switched off (``head_enabled = False``: the LM loss alone, e.g. pre-training
+    and the plain fine-tune) ``kl`` and ``log_z`` are None."""
 
     lm_loss: Tensor  # cross-entropy of the labels under p
-    kl: Tensor  # closed-form KL(q || p), gradient p − q into the LM logits
-    log_z: Tensor  # NADO estimate of log R(prefix) (no gradient), for the feasibility gate
+    kl: Optional[Tensor]  # closed-form KL(q || p), gradient p − q into the LM logits
+    log_z: Optional[Tensor]  # NADO estimate of log R(prefix) (no gradient), for the gate
 
 
 class NADOHead(MegatronModule):
@@ -98,6 +105,26 @@ class NADOHead(MegatronModule):
             gather_output=False,
         )
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: Optional[dict] = None):
+        """Sharded state dict for megatron's ``dist_checkpointing`` (resharding on load): each
+        of the head's layers under its own ``layers.<i>.`` key, its tensor-parallel weights split
+        as the layer declares them. (The default for the ``ModuleList`` would treat the layers'
+        TP shards as replicated tensors.)"""
+        from megatron.core.transformer.utils import sharded_state_dict_default
+
+        out = {}
+        for i, layer in enumerate(self.layers):
+            out.update(layer.sharded_state_dict(prefix=f"{prefix}layers.{i}.",
+                                                sharded_offsets=sharded_offsets,
+                                                metadata=metadata))
+        for name in ("final_layernorm", "output_layer"):
+            module = getattr(self, name)
+            if module is not None:
+                out.update(sharded_state_dict_default(module, f"{prefix}{name}.",
+                                                      sharded_offsets, metadata))
+        return out
+
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
                 rotary_pos_emb: Optional[Tensor] = None, inference_context=None,
                 last_token_only: bool = False, return_hidden: bool = False) -> Tensor:
@@ -124,8 +151,10 @@ class GPTNADOModel(GPTModel):
     """megatron-core GPTModel + :class:`NADOHead` on the last pipeline stage.
 
     ``forward(input_ids, position_ids, attention_mask)`` on the last stage returns
-    ``(lm_logits, nado_logits)``, each ``[b, s, V/TP]`` (vocab-parallel); with ``labels`` it
-    returns :class:`TokenLosses`. Other stages return hidden states, like GPTModel.
+    ``(lm_logits, nado_logits)``, each ``[b, s, V/TP]`` (vocab-parallel; ``nado_logits`` is None
+    while ``head_enabled`` is False); with ``labels`` it returns :class:`TokenLosses`. Other
+    stages return hidden states, like GPTModel. The model is built by
+    :class:`~nemo_acft.models.acft_model.MegatronGPTACFTModel` (NeMo's builder).
 
     The head's parameters live under ``nado_head.`` in the state dict.
     """
@@ -138,7 +167,8 @@ class GPTNADOModel(GPTModel):
         super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, **kwargs)
         self.nado_config = nado = nado or NADOHeadConfig()
         self.nado_head = None
-        #: False skips the head (sampling from p alone): forward returns (lm_logits, None)
+        #: False skips the head (sampling from p, the LM loss alone): forward returns
+        #: (lm_logits, None), or TokenLosses without kl and log_z
         self.head_enabled = True
         if self.post_process:
             self.nado_head = NADOHead(config, nado, transformer_layer_spec, vocab_size,
@@ -161,7 +191,7 @@ class GPTNADOModel(GPTModel):
         project_in_loss = (labels is not None and chunk > 0
                            and not self.config.sequence_parallel)
         nado_logits = None
-        if self.head_enabled or labels is not None:
+        if self.head_enabled:
             nado_logits = self.nado_head(hidden_states.detach(), attention_mask, rotary_pos_emb,
                                          inference_context, last_token_only,
                                          return_hidden=project_in_loss)
@@ -178,6 +208,9 @@ class GPTNADOModel(GPTModel):
             return lm_logits.transpose(0, 1).contiguous(), nado_logits.transpose(0, 1).contiguous()
         # Not megatron's compute_language_model_loss: its cross-entropy overwrites the logits
         # in place, and the KL reads the same logits.
+        if nado_logits is None:  # the LM loss alone
+            lm_loss = cross_entropy(lm_logits, labels.transpose(0, 1), tp_group())
+            return TokenLosses(lm_loss.transpose(0, 1), None, None)
         if project_in_loss:  # one pass, shared logsumexp, hand-written backward
             lm_loss, kl, log_z = fused_ce_kl_from_hidden(
                 lm_logits, nado_logits, self.nado_head.output_layer.weight,
@@ -206,34 +239,3 @@ class GPTNADOModel(GPTModel):
     def base_state_dict(self) -> Dict[str, Tensor]:
         """The trunk's state dict without the head: what a plain GPTModel loads."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith(NADO_PREFIX)}
-
-    def head_state_dict(self) -> Dict[str, Tensor]:
-        """The NADO head's parameters alone (this rank's shard); empty off the last stage."""
-        return {} if self.nado_head is None else self.nado_head.state_dict()
-
-    def load_head_state_dict(self, state_dict: Dict[str, Tensor]) -> None:
-        """Load parameters saved by :meth:`head_state_dict` (strict)."""
-        if self.nado_head is not None:
-            self.nado_head.load_state_dict(state_dict, strict=True)
-
-
-def build_gpt_nado(cfg: GPTConfig, tp: int = 1, pp: int = 1, pre_process: bool = True,
-                   post_process: bool = True, with_head: bool = True,
-                   use_te: Optional[bool] = None):
-    """Build this rank's stage of the model (trunk + head, or a plain GPTModel when
-    ``with_head`` is False). Process groups must be initialised (see ``init_distributed``)."""
-    config = cfg.transformer_config(tp, pp)
-    kwargs = dict(
-        config=config,
-        transformer_layer_spec=layer_spec(use_te),
-        vocab_size=cfg.padded_vocab_size(tp),
-        max_sequence_length=cfg.seq_length,
-        pre_process=pre_process,
-        post_process=post_process,
-        share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
-        position_embedding_type=cfg.position_embedding_type,
-        parallel_output=True,
-    )
-    if with_head:
-        return GPTNADOModel(nado=cfg.nado, **kwargs)
-    return GPTModel(**kwargs)

@@ -1,9 +1,18 @@
-"""Process groups: torch.distributed (gloo on CPU, nccl on GPU) and megatron's model parallel."""
+"""Process groups: one torch.distributed world per group of the method (gloo on CPU, nccl on
+GPU) and megatron's model-parallel groups inside it.
+
+megatron's ``parallel_state`` holds one layout per process world, so the LM group and the
+oracle group, with different tensor/pipeline sizes, are two worlds. A world is started by
+torchrun, by ``srun`` (one task per rank: ``SLURM_PROCID``/``SLURM_NTASKS``, with
+``MASTER_ADDR``/``MASTER_PORT`` exported by the batch script) or by
+:mod:`nemo_acft.launch`; a lone process is a world of one.
+"""
 
 from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -16,30 +25,53 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def world_env() -> dict:
+    """``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` of this process: torchrun's (or the launcher's)
+    variables, else Slurm's task variables, else a world of one."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return {"rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"]),
+                "local_rank": int(env.get("LOCAL_RANK", 0))}
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        return {"rank": int(env["SLURM_PROCID"]), "world_size": int(env["SLURM_STEP_NUM_TASKS"]),
+                "local_rank": int(env.get("SLURM_LOCALID", 0))}
+    return {"rank": 0, "world_size": 1, "local_rank": 0}
+
+
 def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234,
-                     backend: Optional[str] = None) -> None:
-    """Initialise torch.distributed (from torchrun's env, or a 1-process group) and megatron's
-    tensor/pipeline groups, then seed the default and the tensor-parallel RNG streams.
+                     backend: Optional[str] = None, timeout_s: float = 1800) -> None:
+    """Initialise torch.distributed (see :func:`world_env`) and megatron's tensor/pipeline
+    groups, then seed the default and the tensor-parallel RNG streams.
 
     Args:
-        tp: tensor-parallel size. pp: pipeline-parallel size.
+        tp: tensor-parallel size. pp: pipeline-parallel size (data parallel is the rest).
         seed: same on every rank (megatron offsets the tensor-parallel stream by the TP rank).
         backend: default gloo without CUDA, nccl with it.
+        timeout_s: of every collective: a dead peer fails the others after this long.
     """
     from megatron.core import parallel_state, tensor_parallel
 
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # a single process, e.g. a notebook or a unit test
+        w = world_env()
+        if w["world_size"] == 1 and "MASTER_PORT" not in os.environ:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            dist.init_process_group(backend, rank=0, world_size=1)
-        else:
-            dist.init_process_group(backend)
+            os.environ["MASTER_PORT"] = str(_free_port())
+        if w["world_size"] > 1 and "MASTER_ADDR" not in os.environ:
+            raise RuntimeError(f"rank {w['rank']} of a world of {w['world_size']}: MASTER_ADDR "
+                               "is not set (torchrun sets it; under srun export the first "
+                               "node's address and a port)")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(w["local_rank"])
+        dist.init_process_group(backend, rank=w["rank"], world_size=w["world_size"],
+                                timeout=timedelta(seconds=timeout_s))
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    world = dist.get_world_size()
+    if world % (tp * pp):
+        raise ValueError(f"world size {world} is not a multiple of tensor_model_parallel_size "
+                         f"* pipeline_model_parallel_size = {tp} * {pp}")
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
     )

@@ -1,13 +1,15 @@
 """Math of the method (torch only; optionally a tensor-parallel process group).
 
-Public API: :func:`guided_log_probs`, :func:`closed_form_kl`, :func:`nado_loss`, :func:`kl_penalty` (per-domain λ and the δ gate), and the
-vocab-parallel reductions they are built from.
+Public API: :func:`guided_log_probs`, :func:`token_log_probs`, :func:`closed_form_kl`,
+:func:`nado_loss`, :func:`kl_penalty` (per-domain λ and the δ gate), the fused CE + KL pass
+(:mod:`.fused`), and the vocab-parallel reductions they are built from.
 """
 
 from nemo_acft.nado.losses import (closed_form_kl, cross_entropy, guided_log_probs, kl_penalty,
-                                   nado_loss)
+                                   nado_loss, token_log_probs)
 from nemo_acft.nado.vocab_parallel import (
     all_reduce_sum,
+    mask_padded_vocab,
     to_shards,
     vocab_log_softmax,
     vocab_logsumexp,
@@ -22,7 +24,9 @@ __all__ = [
     "guided_log_probs",
     "kl_penalty",
     "nado_loss",
+    "token_log_probs",
     "all_reduce_sum",
+    "mask_padded_vocab",
     "to_shards",
     "vocab_log_softmax",
     "vocab_logsumexp",

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from nemo_acft.nado.vocab_parallel import (
     ProcessGroup,
+    mask_padded_vocab,
     vocab_log_softmax,
     vocab_logsumexp,
     vocab_max,
@@ -62,11 +63,48 @@ def guided_log_probs(
     Returns:
         ``[..., V_local]`` (fp32 or fp64), this rank's shard of ``log q``.
     """
+    return vocab_log_softmax(_guided_logits(lm_logits, nado_logits, tp_group, scale), tp_group)
+
+
+def _guided_logits(lm_logits, nado_logits, tp_group, scale):
+    """``z + β·(logσ(s) − max logσ(s))`` in the accumulation dtype (unnormalised log q_β)."""
     if not scale >= 0:
         raise ValueError(f"guidance scale={scale}: expected a number >= 0")
     log_r = _shifted_log_sigmoid(nado_logits, tp_group)[0]
-    return vocab_log_softmax(_acc(lm_logits) + (log_r if scale == 1.0 else scale * log_r),
-                             tp_group)
+    return _acc(lm_logits) + (log_r if scale == 1.0 else scale * log_r)
+
+
+def token_log_probs(lm_logits: torch.Tensor, targets: torch.Tensor,
+                    tp_group: ProcessGroup = None, nado_logits: Optional[torch.Tensor] = None,
+                    guidance: float = 1.0, vocab_size: Optional[int] = None,
+                    return_max: bool = False):
+    """``log p(y_i | x_<=i)`` of each target token, or ``log q_β(y_i | x_<=i)`` with NADO
+    logits: the one per-token log-probability of the package (perplexity, the RL baseline's
+    policy gradient, the zero-shot probe and the harness go through it). Differentiable.
+
+    Args:
+        lm_logits: ``[..., V_local]``, vocab-parallel LM logits ``z``.
+        targets: ``[...]`` int64 ids of the full vocabulary.
+        tp_group: tensor-parallel group; None = vocabulary not split.
+        nado_logits: ``[..., V_local]`` vocab-parallel NADO logits ``s``; None = p itself.
+        guidance: β of ``q_β ∝ p·R^β`` (with ``nado_logits``).
+        vocab_size: the tokenizer's vocabulary: padded ids (``>= vocab_size``) get probability
+            0, so the distribution is the one the sampler draws from; None = every id counts.
+        return_max: also return the largest log-probability of each position (the greedy
+            token's).
+    Returns:
+        ``[...]`` in the accumulation dtype (at least fp32), replicated over ``tp_group``; with
+        ``return_max`` a pair (the targets', the largest).
+    """
+    x = (_acc(lm_logits) if nado_logits is None
+         else _guided_logits(lm_logits, nado_logits, tp_group, guidance))
+    if vocab_size is not None:
+        x = mask_padded_vocab(x, vocab_size, tp_group)
+    log_p = vocab_log_softmax(x, tp_group)
+    picked = vocab_select(log_p, targets, tp_group)
+    if return_max:
+        return picked, vocab_max(log_p, tp_group).squeeze(-1)
+    return picked
 
 
 class _ClosedFormKL(torch.autograd.Function):
@@ -160,6 +198,7 @@ def nado_loss(
     alpha: float = 1.0,
     tp_group: ProcessGroup = None,
     weights: Optional[torch.Tensor] = None,
+    num_tokens: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """NADO training loss on labelled samples: per-prefix BCE + α · forward consistency.
 
@@ -184,6 +223,9 @@ def nado_loss(
         tp_group: tensor-parallel group; None = vocabulary not split.
         weights: optional ``[b]`` importance weights (p / q' of a proposal q'), self-normalised
             over the labelled samples of the batch.
+        num_tokens: the denominator of the per-token means, default this batch's labelled
+            tokens. A micro-batch of a larger batch passes the whole batch's count, so that the
+            micro-batches' losses and parts add up to the batch's.
     Returns:
         ``(loss, parts)``: the scalar (fp32 or fp64), and a dict with ``ce``, ``cons`` (per-token means)
         and ``num_tokens``.
@@ -204,7 +246,7 @@ def nado_loss(
         w = w * labelled.sum().clamp_min(1) / w.sum().clamp_min(torch.finfo(w.dtype).tiny)
     mask = loss_mask.to(z.dtype) * labelled.to(z.dtype).unsqueeze(-1)
     token_w = mask * w.unsqueeze(-1)
-    num_tokens = mask.sum().clamp_min(1.0)
+    num_tokens = (mask.sum() if num_tokens is None else num_tokens.to(z.dtype)).clamp_min(1.0)
 
     s_next = vocab_select(s, tokens, tp_group)  # s_i[y_i], [b, s]
     ce = -(c * F.logsigmoid(s_next) + (1.0 - c) * F.logsigmoid(-s_next))
@@ -231,6 +273,7 @@ def kl_penalty(
     domain_lambdas: torch.Tensor,
     delta: Optional[float] = None,
     min_z: float = 0.0,
+    domain_tokens: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """The regularizer ``Σ_d λ_d · mean_{i ∈ tokens of domain d} gate_i · KL_i`` (METHOD.md).
 
@@ -251,9 +294,13 @@ def kl_penalty(
         domain_lambdas: ``[D]`` weight of each domain.
         delta: feasibility threshold in (0, 1], or None.
         min_z: infeasible-prefix threshold in [0, delta).
+        domain_tokens: ``[D]`` the denominators of the per-domain means, default this batch's
+            masked tokens per domain. A micro-batch of a larger batch passes the whole batch's
+            counts: the micro-batches' penalties and parts then add up to the batch's.
     Returns:
         ``(penalty, parts)``; parts has ``kl`` (mean over all masked tokens, ungated),
-        ``gated_share`` (share of masked tokens the gate switched off) and ``mean_z`` (mean Z).
+        ``gated_share`` (share of masked tokens the gate switched off), ``mean_z`` (mean Z) and
+        ``kl_by_domain`` (``[D]``, ungated mean KL of each domain).
     """
     if delta is not None and not 0.0 < delta <= 1.0:
         raise ValueError(f"delta={delta}: expected a value in (0, 1] or None")
@@ -270,13 +317,17 @@ def kl_penalty(
     num_domains = domain_lambdas.numel()
     onehot = F.one_hot(domain_ids, num_domains).to(kl.dtype)  # [b, D]
     per_domain_kl = onehot.t() @ (kl * gate * mask).sum(-1)  # [D]
-    per_domain_tokens = onehot.t() @ mask.sum(-1)  # [D]
-    means = per_domain_kl / per_domain_tokens.clamp_min(1.0)
+    if domain_tokens is None:
+        domain_tokens = onehot.t() @ mask.sum(-1)  # [D]
+    domain_tokens = domain_tokens.to(kl.dtype)
+    means = per_domain_kl / domain_tokens.clamp_min(1.0)
     penalty = (domain_lambdas.to(kl.dtype) * means).sum()
-    n = mask.sum().clamp_min(1.0)
+    n = domain_tokens.sum().clamp_min(1.0)
     parts = {
         "kl": ((kl * mask).sum() / n).detach(),
         "gated_share": (((1.0 - gate) * mask).sum() / n).detach(),
         "mean_z": ((_acc(log_z).exp() * mask).sum() / n).detach(),
+        "kl_by_domain": ((onehot.t() @ (kl.detach() * mask).sum(-1))
+                         / domain_tokens.clamp_min(1.0)),
     }
     return penalty, parts

@@ -141,6 +141,22 @@ def vocab_log_softmax(x: torch.Tensor, tp_group: ProcessGroup) -> torch.Tensor:
     return shifted - to_shards(log_s, tp_group).unsqueeze(-1)
 
 
+def mask_padded_vocab(x: torch.Tensor, vocab_size: int, tp_group: ProcessGroup) -> torch.Tensor:
+    """``x`` with the entries of ids ``>= vocab_size`` at −inf: the padding Megatron adds to
+    make the vocabulary divisible (no token of the tokenizer; never sampled).
+
+    Args:
+        x: ``[..., V_local]``, vocab-parallel.
+        vocab_size: the tokenizer's vocabulary, ``<= V_local * tp``.
+    """
+    v_local = x.shape[-1]
+    start = tp_rank(tp_group) * v_local
+    if start + v_local <= vocab_size:
+        return x
+    ids = torch.arange(start, start + v_local, device=x.device)
+    return x.masked_fill(ids >= vocab_size, float("-inf"))
+
+
 def vocab_sum(x: torch.Tensor, tp_group: ProcessGroup) -> torch.Tensor:
     """``Σ_v x[..., v]`` over the whole (split) vocabulary, differentiable.
 

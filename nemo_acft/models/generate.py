@@ -1,4 +1,5 @@
-"""Batched generation from the GPT (+ NADO) model with a KV cache.
+"""Batched generation from the GPT (+ NADO) megatron-core module with a KV cache: the decode
+loop behind :meth:`MegatronGPTACFTModel.generate`.
 
 Static batching, as megatron-core's text-generation controller: prompts are right-padded, the
 model prefills up to the shortest prompt, then decodes one position at a time; a sequence still
@@ -106,6 +107,7 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
 
     Args:
         model: a ``GPTNADOModel`` (single pipeline stage), or a plain ``GPTModel`` if not guided.
+            Tensors are placed on the device of its parameters.
         prompts: token-id lists, each non-empty.
         vocab_size: the real vocabulary; padded ids beyond it are never sampled.
         guided: NADO-guided decoding, ``log q = log_softmax(z / T + β·logσ(s))``, β =
@@ -123,16 +125,18 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
     was_training = model.training
     model.eval()
     n = len(prompts)
-    prompt_lengths = torch.tensor([len(p) for p in prompts])
+    device = next(model.parameters()).device
+    prompt_lengths = torch.tensor([len(p) for p in prompts], device=device)
     total = int(prompt_lengths.max()) + params.max_new_tokens
     tokens = torch.full((n, total), pad_id, dtype=torch.long)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.as_tensor(p, dtype=torch.long)
-    positions = torch.arange(total).expand(n, total)
-    logprobs = torch.zeros(n, total)
+    tokens = tokens.to(device)
+    positions = torch.arange(total, device=device).expand(n, total)
+    logprobs = torch.zeros(n, total, device=device)
     lengths = prompt_lengths + params.max_new_tokens
-    done = torch.zeros(n, dtype=torch.bool)
-    gen = torch.Generator().manual_seed(params.seed)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    gen = torch.Generator(device=device).manual_seed(params.seed)
     ctx = StaticInferenceContext(n, total) if use_kv_cache else None
     # sampling from p needs no NADO head: skip its layers and vocabulary projection
     skip_head = not guided and getattr(model, "head_enabled", False)
@@ -162,7 +166,7 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
             tokens[:, end] = nxt
             logprobs[:, end] = torch.where(
                 generating, log_probs.gather(-1, sampled.unsqueeze(-1)).squeeze(-1),
-                torch.zeros(n))
+                torch.zeros(n, device=device))
             if params.eos_id is not None:
                 hit_eos = generating & (sampled == params.eos_id)
                 lengths = torch.where(hit_eos, torch.full_like(lengths, end + 1), lengths)
@@ -174,5 +178,5 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
         model.train(was_training)
         if skip_head:
             model.head_enabled = True
-    return Samples(tokens=tokens, prompt_lengths=prompt_lengths, lengths=lengths,
-                   logprobs=logprobs)
+    return Samples(tokens=tokens.cpu(), prompt_lengths=prompt_lengths.cpu(),
+                   lengths=lengths.cpu(), logprobs=logprobs.cpu())

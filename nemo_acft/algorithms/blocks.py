@@ -1,0 +1,215 @@
+"""The two blocks of an ACFT iteration, over the model's interface.
+
+- :func:`oracle_block`: load θ_(k−1) and φ_(k−1), sample continuations of a fresh slice of
+  prompts, label them with the oracle, train φ_k (``nado_step``, the trunk frozen), publish φ_k
+  and the labelled samples.
+- :func:`lm_block`: load θ_(k−1) with its optimizer state (or a rolling checkpoint inside the
+  block) and a φ, fine-tune the trunk for a block of steps (``lm_step``), publish θ_k.
+
+The baselines are the same blocks with another data choice, an extra loss term or no LM update
+(:mod:`.baselines`). Every batch and every sampling seed is a pure function of
+``(seed, block, step)``, so a block restarted from a checkpoint repeats itself exactly. Every
+function is collective over the world that calls it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from nemo_acft.algorithms.coordination import StopRequested, stop_agreed
+from nemo_acft.algorithms.exchange import ArtifactStore
+from nemo_acft.data import LMDataset, batch_indices
+from nemo_acft.models.acft_model import Regularizer
+from nemo_acft.models.generate import SamplingParams
+from nemo_acft.sampling import nado_batch, sample_and_label
+
+log = logging.getLogger("nemo_acft")
+
+#: ``(step) -> [(batch, objective)]``: extra loss terms of an LM step (the RL baseline's)
+ExtraTerms = Callable[[int], Tuple[List[Tuple[Dict[str, torch.Tensor], Any]], Dict[str, float]]]
+
+
+def _read(run, store: ArtifactStore, kind: str, iteration: int, part: str,
+          with_optimizer: bool = False) -> Dict[str, Any]:
+    """Load ``part`` of an artifact into the model (verified, resharded); returns what was read
+    for the reader's manifest: the artifact, the layout it was read at, bytes and seconds."""
+    t0 = time.perf_counter()
+    path = store.verify(kind, iteration)
+    run.model.load_part(path / part, part, with_optimizer=with_optimizer)
+    man = store.manifest(kind, iteration)
+    return {"path": str(path), "iteration": iteration, "written_at": man.get("layout"),
+            "read_at": run.model.layout(), "bytes": man.get("bytes"),
+            "seconds": time.perf_counter() - t0}
+
+
+def _write_part(run, part: str, with_optimizer: bool = False, common=None):
+    def write(tmp):
+        run.model.save_part(tmp / part, part, with_optimizer=with_optimizer, common=common)
+    return write
+
+
+def publish_initial_head(run, store: ArtifactStore) -> None:
+    """φ_0: the freshly built, zero-initialised head (R = 1/2 everywhere, q = p)."""
+    if store.exists("nado", 0):
+        return
+    store.clean_temporaries("nado")
+    head = run.model.module.nado_head
+    if head is not None and bool(head.output_layer.weight.detach().abs().max() > 0):
+        raise RuntimeError("φ_0 must be the zero-initialised head: publish it before loading one")
+    store.publish("nado", 0, _write_part(run, "head"),
+                  {"based_on": {"lm": None, "nado": None}, "init": "zeros",
+                   "layout": run.model.layout()})
+
+
+def regularizer(run, domains: Sequence[str]) -> Regularizer:
+    """The configured regularizer over the data's domains."""
+    from nemo_acft.config import domain_lambdas
+
+    a = run.acft
+    return Regularizer(torch.tensor(domain_lambdas(run.cfg, domains)), a["delta"],
+                       float(a["min_z"]))
+
+
+def lm_block(run, method: str, k: int, store: ArtifactStore, data: LMDataset, *,
+             reg: Optional[Regularizer] = None, nado: Optional[Tuple[ArtifactStore, int]] = None,
+             extra: Optional[ExtraTerms] = None) -> Dict[str, float]:
+    """LM block k of ``method``: θ_k from θ_(k−1) (``store``'s, or the exchange's θ_0 for k = 1)
+    on the corpus ``data``, published as ``store/lm/iter_k`` with its optimizer state.
+
+    Args:
+        reg: the regularizer (ACFT) with φ from ``nado`` = ``(store, iteration)``; None: the LM
+            loss alone (the plain fine-tune and the filtering and RL baselines).
+        extra: extra loss terms per step (the RL baseline).
+    """
+    cfg, a, m = run.cfg, run.acft, run.model
+    S, K = run.S, run.K
+    m.configure_training("trunk", cfg["model"]["optim"], max_steps=K * S)
+    ckpts = ArtifactStore(run.run_dir / "checkpoints" / method)
+    ckpts.clean_temporaries("lm")
+    start, end = (k - 1) * S, k * S
+    nado_it = None if nado is None else nado[1]
+    resumable = [t for t in ckpts.iterations("lm") if start < t < end
+                 and ckpts.manifest("lm", t).get("nado_iteration") == nado_it]
+    if resumable:
+        src_store, src_it, start = ckpts, resumable[-1], resumable[-1]
+        log.info("[%s] %s LM block %d: resuming from the checkpoint at step %d", run.side,
+                 method, k, start)
+    else:
+        src_store, src_it = (store, k - 1) if k > 1 else (run.exchange, 0)
+    with_opt = bool(src_store.manifest("lm", src_it).get("with_optimizer"))
+    read = {"lm": _read(run, src_store, "lm", src_it, "trunk", with_optimizer=with_opt)}
+    if nado is not None:
+        read["nado"] = _read(run, nado[0], "nado", nado_it, "head")
+    gbs, mbs = cfg["model"]["global_batch_size"], cfg["model"]["micro_batch_size"]
+    save_every = a["save_every"]
+    bar = run.bar(end - start, f"[{run.side}] {method} {k}/{K}")
+    sums: Dict[str, float] = {}
+    t0 = time.perf_counter()
+    for step in range(start, end):
+        batch = data.batch(batch_indices(len(data), gbs, run.seed, "lm", step))
+        terms, extra_metrics = extra(step) if extra is not None else ([], {})
+        metrics = m.lm_step(batch, reg, micro_batch_size=mbs, extra=terms)
+        metrics.update(extra_metrics)
+        for key, v in metrics.items():
+            if isinstance(v, float):
+                sums[key] = sums.get(key, 0.0) + v
+        run.scalars(method, metrics, step + 1)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
+        done = step + 1
+        stop = done < end and stop_agreed()
+        if (save_every and done % save_every == 0 and done < end) or stop:
+            ckpts.publish("lm", done, _write_part(run, "trunk", with_optimizer=True),
+                          {"block": k, "global_step": done, "nado_iteration": nado_it,
+                           "with_optimizer": True, "layout": m.layout()})
+            ckpts.prune("lm", keep=2)
+        if stop:
+            raise StopRequested(f"checkpoint at step {done} in {ckpts.path('lm', done)}")
+    bar.close()
+    n = max(end - start, 1)
+    means = {key: v / n for key, v in sums.items()}
+    store.publish("lm", k, _write_part(run, "trunk", with_optimizer=True),
+                  {"based_on": {"lm": k - 1, "nado": nado_it}, "global_step": end,
+                   "method": method, "metrics": means, "seconds": time.perf_counter() - t0,
+                   "with_optimizer": True, "layout": m.layout(), "read": read})
+    return means
+
+
+def oracle_block(run, k: int, store: ArtifactStore, lm: Tuple[ArtifactStore, int],
+                 prompts_pool: Sequence[str]) -> Dict[str, float]:
+    """Oracle block k: samples from θ of ``lm`` = ``(store, iteration)`` (θ_(k−1), or NADO
+    decoding's fixed LM), labelled by the oracle; φ_k trained warm from ``store``'s φ_(k−1);
+    publishes ``store/nado/iter_k`` (head and samples)."""
+    cfg, a, m = run.cfg, run.acft, run.model
+    ob, s = a["oracle_block"], a["sampling"]
+    read = {"lm": _read(run, lm[0], "lm", lm[1], "trunk"),
+            "nado": _read(run, store, "nado", k - 1, "head")}
+    idx = batch_indices(len(prompts_pool), min(ob["prompts"], len(prompts_pool)), run.seed,
+                        "prompts", k)
+    prompts = [prompts_pool[i] for i in idx.tolist()]
+    t0 = time.perf_counter()
+    params = SamplingParams(max_new_tokens=s["max_new_tokens"], temperature=s["temperature"],
+                            top_k=s["top_k"], top_p=s["top_p"], eos_id=run.tokenizer.eos_id,
+                            seed=run.seed * 1000 + k)
+    labelled = sample_and_label(m, run.tokenizer, prompts, run.oracle, params,
+                                batch_size=s["batch_size"], threshold=cfg["oracle"]["threshold"],
+                                oracle_batch_size=cfg["oracle"]["batch_size"])
+    t_sample = time.perf_counter() - t0
+    samples, labels = labelled.samples, labelled.label_tensor()
+    n = samples.tokens.shape[0]
+    gbs = ob["global_batch_size"]
+    if n < gbs:
+        raise ValueError(f"oracle block {k}: {n} samples are fewer than "
+                         f"model.acft.oracle_block.global_batch_size={gbs}")
+    m.configure_training("head", ob["optim"], max_steps=max(ob["steps"], 1))
+    bar = run.bar(ob["steps"], f"[{run.side}] NADO {k}/{run.K}", 1)
+    tail: List[Dict[str, float]] = []
+    for step in range(ob["steps"]):
+        batch = nado_batch(samples, labels, batch_indices(n, gbs, run.seed, f"nado{k}", step))
+        metrics = m.nado_step(batch, alpha=a["alpha"], micro_batch_size=ob["micro_batch_size"])
+        run.scalars("nado", metrics, (k - 1) * ob["steps"] + step + 1)
+        bar.update(1)
+        if step >= ob["steps"] - max(ob["steps"] // 10, 1):
+            tail.append(metrics)
+        if stop_agreed():
+            raise StopRequested(f"oracle block {k} is redone on resume")
+    bar.close()
+    means = {key: sum(x[key] for x in tail) / len(tail) for key in tail[0]} if tail else {}
+    rate = labelled.violation_rate()
+    run.scalars("nado", {"sample_violation_rate": rate}, k)
+    unlabelled = sum(x is None for x in labelled.labels)
+
+    def write(tmp):
+        m.save_part(tmp / "head", "head")
+        if run.rank0:
+            torch.save({"tokens": samples.tokens, "prompt_lengths": samples.prompt_lengths,
+                        "lengths": samples.lengths, "logprobs": samples.logprobs,
+                        "labels": labels}, tmp / "samples.pt")
+            rows = [json.dumps({"text": t, "score": sc, "label": lb, "prompt_length": int(pl),
+                                "length": int(ln)})
+                    for t, sc, lb, pl, ln in zip(labelled.texts, labelled.scores, labelled.labels,
+                                                 samples.prompt_lengths, samples.lengths)]
+            (tmp / "samples.jsonl").write_text("\n".join(rows) + "\n")
+
+    store.publish("nado", k, write,
+                  {"based_on": {"lm": lm[1], "nado": k - 1}, "num_samples": n,
+                   "num_unlabelled": unlabelled, "sample_violation_rate": rate,
+                   "metrics": means, "seconds_sampling": t_sample,
+                   "seconds": time.perf_counter() - t0, "layout": m.layout(), "read": read})
+    return {**means, "sample_violation_rate": rate}
+
+
+def log_block(run, what: str, k: int, metrics: Dict[str, float], t0: float, done: int,
+              todo: int) -> None:
+    """One line per block: the main metrics, seconds per block and the ETA."""
+    rate = (time.perf_counter() - t0) / max(done, 1)
+    shown = " ".join(f"{key} {v:.4g}" for key, v in metrics.items()
+                     if key in ("lm_loss", "kl", "penalty", "gated_share", "nado_loss",
+                                "sample_violation_rate", "reward"))
+    log.info("[%s] %s %d/%d  %s  (%.1f s/block, ETA %.0f s)", run.side, what, k, run.K, shown,
+             rate, rate * (todo - done))

@@ -1,0 +1,208 @@
+"""Versioned artifacts on a shared file system: the exchange directory and the checkpoints.
+
+Layout: ``<root>/<kind>/iter_<NNNNNN>/`` holding the artifact (a megatron distributed
+checkpoint of θ or φ under ``trunk/`` or ``head/``, and plain files such as the oracle block's
+samples) and a ``manifest.json``: kind, iteration, what it was built from, the layout that wrote
+it, every file's size and SHA-256, the bytes and seconds of the write, writer, time. An artifact
+is written into a hidden temporary directory beside it and renamed into place by global rank 0
+once every rank has written its shards, so a reader sees a complete artifact or none, and a
+writer killed half-way leaves only a temporary directory that its next start removes. The LM
+group and the oracle group exchange θ_k and φ_k this way; either can be restarted, and what
+each block was built from is on record.
+
+:meth:`ArtifactStore.publish`, :meth:`~ArtifactStore.verify` and :meth:`~ArtifactStore.prune`
+are collective over the calling world; the readers of manifests are not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _broadcast(obj):
+    """``obj`` of global rank 0, on every rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class ArtifactStore:
+    """Artifacts of several kinds, each a sequence of iterations, under ``root``."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def path(self, kind: str, iteration: int) -> Path:  # noqa: D102
+        return self.root / kind / f"iter_{iteration:06d}"
+
+    def exists(self, kind: str, iteration: int) -> bool:
+        """True when the artifact is complete (its manifest is in place)."""
+        return (self.path(kind, iteration) / MANIFEST).is_file()
+
+    def iterations(self, kind: str) -> List[int]:
+        """Complete iterations of ``kind``, ascending."""
+        d = self.root / kind
+        if not d.is_dir():
+            return []
+        return sorted(int(p.name[5:]) for p in d.iterdir()
+                      if p.name.startswith("iter_") and (p / MANIFEST).is_file())
+
+    def latest(self, kind: str) -> Optional[int]:  # noqa: D102
+        its = self.iterations(kind)
+        return its[-1] if its else None
+
+    def manifest(self, kind: str, iteration: int) -> Dict[str, Any]:
+        """The artifact's manifest; FileNotFoundError naming the path if it is not complete."""
+        p = self.path(kind, iteration) / MANIFEST
+        if not p.is_file():
+            raise FileNotFoundError(f"no complete {kind} artifact for iteration {iteration}: "
+                                    f"{p} does not exist")
+        return json.loads(p.read_text())
+
+    def publish(self, kind: str, iteration: int, write: Callable[[Path], None],
+                manifest: Dict[str, Any]) -> Path:
+        """Collective: ``write(tmp)`` on every rank (the distributed checkpoints, and whatever
+        rank 0 adds), then rank 0 records sizes, hashes and timings in the manifest and renames
+        the directory into place. An existing complete artifact of the same iteration is an
+        error (artifacts are immutable: a restarted writer checks :meth:`exists` first)."""
+        final = self.path(kind, iteration)
+        if self.exists(kind, iteration):
+            raise FileExistsError(f"{final} already exists; artifacts are written once")
+        tmp = final.parent / _broadcast(
+            f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+        if _rank() == 0:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        _barrier()
+        t0 = time.perf_counter()
+        write(tmp)
+        _barrier()
+        seconds = time.perf_counter() - t0
+        if _rank() == 0:
+            files = {}
+            for p in sorted(x for x in tmp.rglob("*") if x.is_file()):
+                files[str(p.relative_to(tmp))] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            full = {"kind": kind, "iteration": iteration, **manifest, "files": files,
+                    "bytes": sum(f["bytes"] for f in files.values()),
+                    "seconds_write": seconds,
+                    "writer": {"host": socket.gethostname(), "pid": os.getpid(),
+                               "world_size": dist.get_world_size() if dist.is_initialized() else 1},
+                    "created": time.time()}
+            with open(tmp / MANIFEST, "w") as fh:
+                json.dump(full, fh, indent=1, sort_keys=True)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if final.exists():  # an incomplete leftover (no manifest) from a killed writer
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        _barrier()
+        return final
+
+    def verify(self, kind: str, iteration: int, verify_hash: bool = True) -> Path:
+        """Collective: rank 0 checks every file of a complete artifact against its manifest
+        (size, and SHA-256 if ``verify_hash``); a mismatch is a ValueError naming the file, on
+        every rank. Returns the artifact's directory."""
+        error = None
+        if _rank() == 0:
+            try:
+                man = self.manifest(kind, iteration)
+                root = self.path(kind, iteration)
+                for name, meta in man["files"].items():
+                    p = root / name
+                    if not p.is_file() or p.stat().st_size != meta["bytes"] or (
+                            verify_hash and _sha256(p) != meta["sha256"]):
+                        error = f"{p} does not match its manifest (missing, size or SHA-256)"
+                        break
+            except FileNotFoundError as e:
+                error = str(e)
+        error = _broadcast(error)
+        if error:
+            raise ValueError(error)
+        return self.path(kind, iteration)
+
+    def load(self, kind: str, iteration: int, name: str) -> Any:
+        """``torch.load`` one plain file of a complete artifact, checking its size (not
+        collective; the distributed checkpoints are read through the model)."""
+        man = self.manifest(kind, iteration)
+        p = self.path(kind, iteration) / name
+        meta = man["files"].get(name)
+        if meta is None:
+            raise FileNotFoundError(f"{p}: not in the manifest of {kind} iteration {iteration}")
+        if p.stat().st_size != meta["bytes"]:
+            raise ValueError(f"{p} does not match its manifest (size): corrupted")
+        return torch.load(p, map_location="cpu", weights_only=False)
+
+    def wait_for(self, kind: str, iteration: int, timeout_s: float, poll_s: float = 0.2,
+                 waiting_for: str = "the other side",
+                 alive: Optional[Callable[[], bool]] = None) -> Dict[str, Any]:
+        """Block until the artifact exists and return its manifest.
+
+        Raises TimeoutError naming the directory after ``timeout_s``, or RuntimeError as soon
+        as ``alive()`` turns False (the producer died).
+        """
+        deadline = time.monotonic() + timeout_s
+        while not self.exists(kind, iteration):
+            if alive is not None and not alive():
+                raise RuntimeError(f"{waiting_for} stopped before writing {kind} iteration "
+                                   f"{iteration} to {self.path(kind, iteration)}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"waited {timeout_s:.0f} s for {waiting_for} to write {kind} "
+                                   f"iteration {iteration} to {self.path(kind, iteration)}; "
+                                   "is it running, and does it see the same directory?")
+            time.sleep(poll_s)
+        return self.manifest(kind, iteration)
+
+    def clean_temporaries(self, kind: str) -> int:
+        """Rank 0: remove temporary directories a killed writer of ``kind`` left behind."""
+        d = self.root / kind
+        n = 0
+        if _rank() == 0 and d.is_dir():
+            for p in d.iterdir():
+                if p.name.startswith(".iter_") and ".tmp-" in p.name:
+                    shutil.rmtree(p, ignore_errors=True)
+                    n += 1
+        _barrier()
+        return n
+
+    def prune(self, kind: str, keep: int) -> None:
+        """Collective: delete all but the newest ``keep`` iterations of ``kind`` (rolling
+        checkpoints)."""
+        if _rank() == 0:
+            for it in self.iterations(kind)[:-keep] if keep > 0 else []:
+                path = self.path(kind, it)
+                (path / MANIFEST).unlink()  # first, so a half-deleted artifact is never complete
+                shutil.rmtree(path, ignore_errors=True)
+        _barrier()

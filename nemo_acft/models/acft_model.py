@@ -1,0 +1,546 @@
+"""``MegatronGPTACFTModel``: NeMo's ``MegatronGPTModel`` with the NADO head, and the small
+interface the algorithms (:mod:`nemo_acft.algorithms`) drive it through.
+
+NeMo builds the model (config, tokenizer, megatron-core ``GPTModel`` as a
+:class:`~nemo_acft.models.gpt_nado.GPTNADOModel`, ``.nemo`` save/restore), the optimizer and the
+learning-rate schedule (``setup_optimization``/``configure_optimizers``, NeMo's registry and
+schedulers), gradient clipping (``clip_grad_norm_fp32``) and data-parallel gradient reduction;
+every forward and backward runs inside megatron-core's ``get_forward_backward_func`` schedule, so
+any tensor/pipeline/data-parallel layout works. This follows NeMo-Aligner's
+``alignable_interface.py``: the model knows how to compute, the loops know when.
+
+The interface (every method is called by every rank of the world with the same arguments):
+
+- :meth:`configure_training` (which part trains, NeMo optimizer + scheduler);
+- :meth:`lm_step` (LM loss + Σ_d λ_d · gated closed-form KL, plus extra terms such as the RL
+  baseline's policy gradient) and :meth:`nado_step` (``nado_loss``, trunk frozen): one optimizer
+  step each, returning metrics reduced over the world;
+- :meth:`generate` (KV-cached, TP-aware sampling, guided or not) and :meth:`token_log_probs`;
+- :meth:`save_part` / :meth:`load_part`: θ (trunk) and φ (head) as distributed checkpoints,
+  resharded on load (:mod:`nemo_acft.models.checkpoint`).
+
+Batches are dicts of CPU tensors holding the *whole* global batch; each data-parallel rank takes
+its rows and micro-batches them, and every tensor is placed on the model's device. Losses are
+normalised by the global batch's token counts, so any data-parallel size and micro-batch size
+gives the same step (up to summation order).
+
+Importing this module checks that the installed nemo-toolkit and megatron-core are the pinned
+ones and, on a CPU-only torch, applies :func:`nemo_acft.cpu_compat.apply_nemo`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from importlib import metadata
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+REQUIRED = {"nemo-toolkit": "2.5.0", "megatron-core": "0.13.1"}
+
+
+def check_versions() -> None:
+    """Raise an ImportError naming the required and installed versions when they differ."""
+    found = {}
+    for dist_name in REQUIRED:
+        try:
+            found[dist_name] = metadata.version(dist_name)
+        except metadata.PackageNotFoundError:
+            found[dist_name] = None
+    wrong = {d: v for d, v in found.items() if v != REQUIRED[d]}
+    if wrong:
+        raise ImportError(
+            "nemo_acft needs " + ", ".join(f"{d}=={v}" for d, v in REQUIRED.items())
+            + "; installed: " + ", ".join(f"{d} {v or 'missing'}" for d, v in found.items())
+            + ". Install with: bash scripts/setup.sh (the pip constraint file "
+            "constraints/cpu.txt on CPU)")
+
+
+check_versions()
+
+from nemo_acft.cpu_compat import apply_nemo  # noqa: E402
+
+apply_nemo()
+
+from megatron.core import parallel_state  # noqa: E402
+from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import (  # noqa: E402
+    MegatronGPTModel,
+    get_specs,
+    mcore_model_customize,
+)
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+
+from nemo_acft.models import checkpoint  # noqa: E402
+from nemo_acft.models.generate import Samples, SamplingParams, generate  # noqa: E402
+from nemo_acft.models.gpt_nado import NADO_PREFIX, GPTNADOModel, NADOHeadConfig, TokenLosses  # noqa: E402
+from nemo_acft.models.parallel import tp_group  # noqa: E402
+from nemo_acft.nado import kl_penalty, nado_loss, token_log_probs  # noqa: E402
+
+
+@dataclass
+class Regularizer:
+    """``Σ_d λ_d · mean_{i∈d} gate_i · KL_i`` (:func:`~nemo_acft.nado.kl_penalty`): one λ per
+    domain id of the batch (``lambdas[d]``), the feasibility gate δ and the ``min_z`` gate."""
+
+    lambdas: torch.Tensor
+    delta: Optional[float] = None
+    min_z: float = 0.0
+
+
+@dataclass
+class Reinforce:
+    """The RL baseline's extra loss term on sampled continuations:
+    ``coef · −(1/n) Σ_i A_i · Σ_t log p(y_i,t) / max_new_tokens`` over the n scored samples."""
+
+    coef: float
+    max_new_tokens: int
+
+
+def _dp() -> Tuple[int, int]:
+    return (parallel_state.get_data_parallel_rank(),
+            parallel_state.get_data_parallel_world_size())
+
+
+class MegatronGPTACFTModel(MegatronGPTModel):
+    """``MegatronGPTModel`` + NADO head, driven by the algorithms (see the module docstring).
+
+    Config: ``model.acft.nado_head`` (``num_layers``, ``fp32``, ``loss_chunk_tokens``); the rest of
+    ``model.acft`` is read by the algorithms.
+    """
+
+    def __init__(self, cfg: DictConfig, trainer):
+        acft = cfg.get("acft") or {}
+        head = acft.get("nado_head") or {}
+        self.head_config = NADOHeadConfig(**OmegaConf.to_container(OmegaConf.create(dict(head))))
+        super().__init__(cfg, trainer)
+        self._trainable: Optional[str] = None
+
+    # --- NeMo hooks ---------------------------------------------------------------------
+
+    def model_provider_func(self, pre_process, post_process):
+        """The trunk exactly as ``MegatronGPTModel`` builds it, as a ``GPTNADOModel``."""
+        cfg = self.cfg
+        if not self.mcore_gpt:
+            raise ValueError("model.mcore_gpt=False: MegatronGPTACFTModel needs the "
+                             "megatron-core GPT (set model.mcore_gpt=True)")
+        model = GPTNADOModel(
+            config=self.transformer_config,
+            transformer_layer_spec=get_specs(self.spec_name, self.transformer_config,
+                                             self.transformer_engine, cfg.get("hyena", None),
+                                             cfg.get("fp8", False)),
+            vocab_size=cfg.get("override_vocab_size", self.padded_vocab_size),
+            max_sequence_length=cfg.get("encoder_seq_length", 512),
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=cfg.get("share_embeddings_and_output_weights", True),
+            position_embedding_type=cfg.get("position_embedding_type", "learned_absolute"),
+            rotary_percent=cfg.get("rotary_percentage", 1.0),
+            seq_len_interpolation_factor=cfg.get("seq_len_interpolation_factor", None),
+            rotary_base=cfg.get("rotary_base", 10000),
+            nado=self.head_config,
+        )
+        mcore_model_customize(cfg, model)
+        return model
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        """Restore: a checkpoint with the head loads as NeMo loads it; a plain GPT checkpoint
+        (no ``nado_head.`` weights) loads into the trunk, the head keeps its fresh zeros (R = 1/2,
+        q = p), and any other mismatch is an error naming the keys."""
+        state = checkpoint.get("state_dict") or {}
+        if state and not any(k.startswith("model." + NADO_PREFIX) for k in state):
+            trunk = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+            self.module.load_base_state_dict(trunk)
+            self.acft_restored_base_only = True
+            return
+        self.acft_restored_base_only = False
+        super().on_load_checkpoint(checkpoint)
+
+    def setup_optimizer_param_groups(self):
+        """NeMo's weight-decay groups, restricted to the parameters that train (the trunk in an
+        LM block, the head in an oracle block)."""
+        super().setup_optimizer_param_groups()
+        groups = []
+        for group in self._optimizer_param_groups:
+            params = [p for p in group["params"] if p.requires_grad]
+            if params:
+                groups.append({**group, "params": params})
+        self._optimizer_param_groups = tuple(groups)
+
+    # --- layout -------------------------------------------------------------------------
+
+    @property
+    def module(self) -> GPTNADOModel:
+        """This rank's pipeline stage (the megatron-core module)."""
+        modules = self.get_model_module_list()
+        if len(modules) != 1:
+            raise ValueError("virtual pipeline stages are not supported "
+                             "(model.virtual_pipeline_model_parallel_size)")
+        return modules[0]
+
+    @property
+    def device(self) -> torch.device:  # noqa: D102
+        return next(self.module.parameters()).device
+
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's vocabulary (ids beyond it are Megatron's padding: never sampled), at
+        most the model's output size."""
+        out = self.cfg.get("override_vocab_size") or self.padded_vocab_size
+        return min(int(self.tokenizer.vocab_size), int(out))
+
+    @property
+    def pad_id(self) -> int:  # noqa: D102
+        pad = getattr(self.tokenizer, "pad_id", None)
+        return int(pad) if isinstance(pad, int) and pad >= 0 else int(self.tokenizer.eos_id)
+
+    @staticmethod
+    def layout() -> Dict[str, int]:
+        """Tensor, pipeline and data-parallel sizes of this world."""
+        return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
+                "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+                "dp": parallel_state.get_data_parallel_world_size()}
+
+    # --- training -----------------------------------------------------------------------
+
+    def configure_training(self, part: str, optim: Dict[str, Any], max_steps: int):
+        """Train ``part`` (``trunk`` or ``head``; the other is frozen) with NeMo's optimizer and
+        scheduler from ``optim`` (``model.optim``'s layout: ``name``, ``lr``, …, ``sched``) over
+        ``max_steps`` steps. Returns ``(optimizer, scheduler)``; a resumed block loads their
+        state with :meth:`load_part`."""
+        if part not in checkpoint.PARTS:
+            raise ValueError(f"part={part!r}: expected one of {checkpoint.PARTS}")
+        for name, p in self.module.named_parameters():
+            p.requires_grad_(name.startswith(NADO_PREFIX) == (part == "head"))
+        cfg = OmegaConf.create(dict(optim))
+        with open_dict(cfg):
+            if "sched" in cfg and cfg.sched is not None:
+                cfg.sched.max_steps = int(max_steps)
+        with open_dict(self._cfg):
+            self._cfg.optim = cfg
+        self._optimizer, self._scheduler = None, None
+        self.configure_optimizers()
+        self._trainable = part
+        return self._optimizer, self.scheduler
+
+    @property
+    def scheduler(self):
+        """The learning-rate scheduler of :meth:`configure_training` (None without ``sched``)."""
+        s = self._scheduler
+        return s["scheduler"] if isinstance(s, dict) else s
+
+    def lm_step(self, batch: Dict[str, torch.Tensor], regularizer: Optional[Regularizer] = None,
+                micro_batch_size: Optional[int] = None,
+                extra: Sequence[Tuple[Dict[str, torch.Tensor], Any]] = ()) -> Dict[str, float]:
+        """One optimizer step of the trunk on a corpus batch: the LM loss, plus the regularizer
+        with the head's current φ when ``regularizer`` is given, plus ``extra`` terms
+        (``(batch, Reinforce(...))``, computed in their own forward-backward pass and added to
+        the same gradient).
+
+        Args:
+            batch: ``inputs``/``targets``/``loss_mask`` ``[B, S]``, ``domain_ids`` ``[B]``.
+        Returns:
+            ``lm_loss``, ``loss``, ``grad_norm``, ``lr`` and, with the regularizer, ``penalty``,
+            ``kl``, ``gated_share``, ``mean_z``, ``kl_by_domain`` (a list).
+        """
+        if self._trainable != "trunk":
+            raise RuntimeError("lm_step before configure_training('trunk', ...)")
+        parts = [(batch, regularizer if regularizer is not None else "lm")] + list(extra)
+        return self._train_step(parts, micro_batch_size)
+
+    def nado_step(self, batch: Dict[str, torch.Tensor], alpha: float = 1.0,
+                  micro_batch_size: Optional[int] = None) -> Dict[str, float]:
+        """One optimizer step of the head on labelled samples (``nado_loss``; the trunk frozen).
+
+        Args:
+            batch: ``inputs``/``targets``/``loss_mask`` ``[B, T]`` and the sequence labels
+                ``labels`` ``[B]`` (NaN = unlabelled).
+        """
+        if self._trainable != "head":
+            raise RuntimeError("nado_step before configure_training('head', ...)")
+        return self._train_step([(batch, ("nado", float(alpha)))], micro_batch_size)
+
+    def _train_step(self, parts, micro_batch_size) -> Dict[str, float]:
+        from nemo.collections.nlp.models.language_modeling import megatron_base_model
+
+        self.module.train()
+        self._optimizer.zero_grad()
+        metrics: Dict[str, Any] = {}
+        for batch, objective in parts:
+            metrics.update(self._fwd_bwd(batch, objective, micro_batch_size or
+                                         self.cfg.micro_batch_size))
+        self._grad_reductions()
+        clip = self.trainer.gradient_clip_val
+        grad_norm = None
+        if clip is not None and float(clip) > 0:
+            if self.with_distributed_adam:
+                from nemo.collections.nlp.modules.common.megatron.clip_grads import (
+                    clip_grad_norm_distributed_optimizer,
+                )
+                grad_norm = clip_grad_norm_distributed_optimizer(self._optimizer, float(clip))
+            else:
+                params = (self._optimizer.get_parameters_with_grad() if self.megatron_amp_O2
+                          else self.get_parameters_with_grad())
+                # the module attribute: on CPU, cpu_compat replaces it (patch 7)
+                grad_norm = megatron_base_model.clip_grad_norm_fp32(parameters=params,
+                                                                    max_norm=float(clip))
+        metrics["lr"] = float(self._optimizer.param_groups[0]["lr"])
+        self._optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        return metrics
+
+    def _grad_reductions(self) -> None:
+        """NeMo's gradient reductions after the pipeline (NeMo-Aligner's ``grad_reductions``):
+        data parallel (unless the distributed optimizer does it) and the first/last stage
+        embeddings shared under pipeline parallelism."""
+        if self.cfg.get("tensor_model_parallel_size", 1) > 1 and self.cfg.get("sequence_parallel", False):
+            self.allreduce_sequence_parallel_gradients()
+        if self.with_distributed_adam:
+            self._optimizer._finish_bucket_grad_sync()
+        elif self.megatron_amp_O2:
+            if (self.cfg.get("pipeline_model_parallel_size", 1) > 1
+                    or self.cfg.get("sequence_parallel", False)):
+                self._optimizer.allreduce_main_grads()
+        elif _dp()[1] > 1:
+            self.allreduce_gradients()
+        if (self.cfg.get("pipeline_model_parallel_size", 1) > 1
+                and self.cfg.get("share_embeddings_and_output_weights", True)):
+            self.allreduce_first_last_embeddings()
+
+    # --- the forward-backward schedule ------------------------------------------------------
+
+    def _fwd_bwd(self, batch, objective, micro_batch_size: int, forward_only: bool = False):
+        """Run ``objective`` on this DP rank's rows of ``batch`` through megatron's schedule.
+
+        ``objective``: ``"lm"`` (LM loss alone), a :class:`Regularizer` (LM loss + KL),
+        ``("nado", alpha)``, a :class:`Reinforce`, or ``("logprobs", guidance)`` (forward only:
+        returns the per-token log-probabilities of this DP rank's rows). Returns metrics (sums
+        over the global batch of additive partial means) on every rank.
+        """
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        dp_rank, dp = _dp()
+        rows = batch["inputs"].shape[0]
+        if rows % dp:
+            raise ValueError(f"a batch of {rows} rows does not split over data parallel {dp}")
+        local = rows // dp
+        mbs = min(int(micro_batch_size), local)
+        if local % mbs:
+            raise ValueError(f"{local} rows per data-parallel rank are not a multiple of the "
+                             f"micro-batch size {mbs}")
+        n_mb = local // mbs
+        denom = self._denominators(batch, objective)
+        device = self.device
+        mine = {k: v[dp_rank * local:(dp_rank + 1) * local] for k, v in batch.items()
+                if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows}
+        seq = mine["inputs"].shape[1]
+        positions = torch.arange(seq).expand(mbs, seq)
+        micro = [{**{k: v[i * mbs:(i + 1) * mbs].to(device) for k, v in mine.items()},
+                  "position_ids": positions.to(device)} for i in range(n_mb)]
+        scale = float(n_mb * dp)  # the schedule divides by n_mb; the DP reduction averages
+        use_head = not (objective == "lm" or isinstance(objective, Reinforce)
+                        or (isinstance(objective, tuple) and objective[0] == "logprobs"
+                            and objective[1] is None))
+        with_labels = objective == "lm" or isinstance(objective, Regularizer)
+        loss_fn = partial(self._loss, objective=objective, denom=denom, scale=scale)
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            out = model(mb["inputs"], mb["position_ids"], None,
+                        labels=mb["targets"] if with_labels else None)
+            return out, partial(loss_fn, mb)
+
+        module = self.module
+        module.head_enabled = use_head
+        collect = isinstance(objective, tuple) and objective[0] == "logprobs"
+        if collect or forward_only:
+            module.eval()
+        try:
+            data = get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iter(micro), model=self.model,
+                num_microbatches=n_mb, forward_only=forward_only or collect,
+                seq_length=seq, micro_batch_size=mbs, collect_non_loss_data=collect)
+        finally:
+            module.head_enabled = True
+        if collect:
+            return data
+        return self._reduce_metrics(data, objective)
+
+    @staticmethod
+    def _denominators(batch, objective) -> Dict[str, torch.Tensor]:
+        """Token counts of the *global* batch that normalise every micro-batch's loss."""
+        mask = batch.get("loss_mask")
+        if isinstance(objective, tuple) and objective[0] == "nado":
+            labelled = torch.isfinite(batch["labels"].float()).float().unsqueeze(-1)
+            return {"tokens": (mask.float() * labelled).sum()}
+        if isinstance(objective, Reinforce):
+            return {"scored": torch.isfinite(batch["rewards"].float()).sum().float()}
+        if mask is None:
+            return {}
+        out = {"tokens": mask.float().sum()}
+        if isinstance(objective, Regularizer):
+            d = objective.lambdas.numel()
+            onehot = torch.nn.functional.one_hot(batch["domain_ids"].long(), d).float()
+            out["domain_tokens"] = onehot.t() @ mask.float().sum(-1)
+        return out
+
+    def _loss(self, mb, output, objective, denom, scale, non_loss_data: bool = False):
+        """The loss of one micro-batch on the last stage: ``(loss × scale, {"sums": ...})``."""
+        tp = tp_group()
+        if isinstance(objective, tuple) and objective[0] == "logprobs":
+            z, s = output
+            guidance = objective[1]
+            lp, top = token_log_probs(z, mb["targets"], tp, nado_logits=s if guidance is not None
+                                      else None, guidance=guidance if guidance is not None
+                                      else 1.0, vocab_size=self.vocab_size, return_max=True)
+            return torch.stack([lp.float(), top.float()])
+        if isinstance(objective, tuple) and objective[0] == "nado":
+            z, s = output
+            loss, parts = nado_loss(z.detach(), s, mb["targets"], mb["labels"], mb["loss_mask"],
+                                    alpha=objective[1], tp_group=tp,
+                                    num_tokens=denom["tokens"].to(z.device))
+            sums = torch.stack([loss.detach(), parts["ce"], parts["cons"]]).float()
+            return loss * scale, {"sums": sums}
+        if isinstance(objective, Reinforce):
+            z = output[0]
+            lp = token_log_probs(z, mb["targets"], tp, vocab_size=self.vocab_size)
+            seq_lp = (lp * mb["loss_mask"].to(lp.dtype)).sum(-1)
+            adv = mb["advantages"].to(lp.dtype)
+            n = denom["scored"].to(lp.device).clamp_min(1.0)
+            rl = -(adv * seq_lp).sum() / (n * objective.max_new_tokens)
+            return objective.coef * rl * scale, {"sums": rl.detach().float().view(1)}
+        assert isinstance(output, TokenLosses), type(output)
+        mask = mb["loss_mask"].float()
+        n = denom["tokens"].to(mask.device).clamp_min(1.0)
+        lm = (output.lm_loss.float() * mask).sum() / n
+        if not isinstance(objective, Regularizer):
+            return lm * scale, {"sums": lm.detach().view(1)}
+        penalty, parts = kl_penalty(output.kl, output.log_z, mask, mb["domain_ids"].long(),
+                                    objective.lambdas.to(mask.device), objective.delta,
+                                    objective.min_z,
+                                    domain_tokens=denom["domain_tokens"].to(mask.device))
+        sums = torch.cat([torch.stack([lm.detach(), penalty.detach(), parts["kl"],
+                                       parts["gated_share"], parts["mean_z"]]).float(),
+                          parts["kl_by_domain"].float()])
+        return (lm + penalty) * scale, {"sums": sums}
+
+    def _reduce_metrics(self, data: List[Dict[str, torch.Tensor]], objective) -> Dict[str, Any]:
+        """Sum the micro-batches' partial means, over data parallel, and send them from the
+        last pipeline stage to every stage."""
+        import torch.distributed as dist
+
+        names = self._metric_names(objective)
+        width = len(names)
+        if parallel_state.is_pipeline_last_stage():
+            total = torch.stack([d["sums"] for d in data]).sum(0).to(self.device)
+        else:
+            total = torch.zeros(width, device=self.device)
+        if _dp()[1] > 1:
+            dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(total, parallel_state.get_pipeline_model_parallel_last_rank(),
+                           group=parallel_state.get_pipeline_model_parallel_group())
+        values = total.tolist()
+        out: Dict[str, Any] = dict(zip(names, values))
+        if isinstance(objective, Regularizer):
+            out["kl_by_domain"] = values[len(names) - objective.lambdas.numel():]
+            for i in range(objective.lambdas.numel()):
+                out.pop(f"kl_by_domain.{i}")
+            out["loss"] = out["lm_loss"] + out["penalty"]
+        elif objective == "lm":
+            out["loss"] = out["lm_loss"]
+        return out
+
+    @staticmethod
+    def _metric_names(objective) -> List[str]:
+        if isinstance(objective, tuple):
+            return ["nado_loss", "nado_ce", "nado_cons"]
+        if isinstance(objective, Reinforce):
+            return ["rl_loss"]
+        if isinstance(objective, Regularizer):
+            return (["lm_loss", "penalty", "kl", "gated_share", "mean_z"]
+                    + [f"kl_by_domain.{i}" for i in range(objective.lambdas.numel())])
+        return ["lm_loss"]
+
+    # --- inference ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 guided: bool = False) -> Samples:
+        """Sample continuations of token-id ``prompts`` (one batch) from p, or from
+        ``q ∝ p·R^β`` when ``guided`` (β = ``params.guidance``): KV-cached, every TP rank draws
+        the same tokens. Needs pipeline parallelism 1 (the oracle group's layout)."""
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            raise ValueError("generate: pipeline_model_parallel_size="
+                             f"{parallel_state.get_pipeline_model_parallel_world_size()}; "
+                             "sampling runs at pipeline parallelism 1 (the oracle group's "
+                             "layout: model.acft.oracle_group)")
+        return generate(self.module, prompts, params, vocab_size=self.vocab_size,
+                        guided=guided, tp_group=tp_group(), pad_id=self.pad_id)
+
+    @torch.no_grad()
+    def token_log_probs(self, tokens: torch.Tensor, guidance: Optional[float] = None,
+                        micro_batch_size: Optional[int] = None, return_max: bool = False):
+        """``log p(tokens[:, i+1] | tokens[:, :i+1])`` for every row and position, or
+        ``log q_β`` with the head when ``guidance`` β is given; ``[B, T-1]`` fp32 on the CPU,
+        on every rank. Padded ids have probability 0 (the sampler's distribution). With
+        ``return_max`` also the largest log-probability of each position (a token is the greedy
+        choice where its own equals it).
+
+        Args:
+            tokens: ``[B, T]`` int64 (what follows a row's end is the caller's to mask).
+        """
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
+        rows, width = tokens.shape
+        dp_rank, dp = _dp()
+        mbs = int(micro_batch_size or self.cfg.micro_batch_size)
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        seq = width - 1
+        if pp > 1:  # the pipeline's messages have one shape: pad to the model's sequence
+            seq = max(seq, int(self.cfg.encoder_seq_length))
+        per_rank = max(1, math.ceil(rows / dp))
+        mbs = min(mbs, per_rank)
+        per_rank = math.ceil(per_rank / mbs) * mbs
+        padded = torch.full((per_rank * dp, seq + 1), self.pad_id, dtype=torch.long)
+        padded[:rows, :width] = tokens
+        batch = {"inputs": padded[:, :-1], "targets": padded[:, 1:].contiguous()}
+        data = self._fwd_bwd(batch, ("logprobs", guidance), mbs)
+        out = torch.zeros(2, per_rank, seq, device=self.device)
+        if parallel_state.is_pipeline_last_stage():
+            out = torch.cat(list(data), dim=1).to(self.device)
+        import torch.distributed as dist
+
+        if pp > 1:
+            dist.broadcast(out, parallel_state.get_pipeline_model_parallel_last_rank(),
+                           group=parallel_state.get_pipeline_model_parallel_group())
+        if dp > 1:
+            parts = [torch.empty_like(out) for _ in range(dp)]
+            dist.all_gather(parts, out.contiguous(), group=parallel_state.get_data_parallel_group())
+            out = torch.cat(parts, dim=1)
+        out = out[:, :rows, :width - 1].cpu()
+        return (out[0], out[1]) if return_max else out[0]
+
+    # --- θ and φ ----------------------------------------------------------------------------
+
+    def save_part(self, path, part: str, with_optimizer: bool = False,
+                  common: Optional[Dict[str, Any]] = None) -> None:
+        """Write θ (``part="trunk"``) or φ (``"head"``) as a distributed checkpoint, with the
+        optimizer and scheduler state of :meth:`configure_training` if ``with_optimizer``."""
+        checkpoint.save(path, self.module, part,
+                        self._optimizer if with_optimizer else None,
+                        self.scheduler if with_optimizer else None, common)
+
+    def load_part(self, path, part: str, with_optimizer: bool = False) -> Dict[str, Any]:
+        """Read a part written by :meth:`save_part` in any layout (resharded); returns its
+        ``common`` dict."""
+        return checkpoint.load(path, self.module, part,
+                               self._optimizer if with_optimizer else None,
+                               self.scheduler if with_optimizer else None)
+
+
+__all__ = ["MegatronGPTACFTModel", "Regularizer", "Reinforce", "check_versions", "REQUIRED"]

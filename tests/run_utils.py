@@ -1,0 +1,65 @@
+"""acft-train runs for the tests: the config composed by Hydra from ``conf/`` exactly as the
+command line composes it, and the phases driven from the test process (their worlds are forked
+from it, so a run pays no import); plus the command line itself in a subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: the built-in default shrunk to seconds (tiny model, few steps, few prompts)
+FAST = [
+    "model.acft.iterations=2", "model.acft.steps_per_iteration=12", "model.acft.save_every=4",
+    "model.global_batch_size=16", "model.micro_batch_size=16", "pretrain.steps=30",
+    "pretrain.global_batch_size=16", "model.acft.oracle_block.steps=10",
+    "model.acft.oracle_block.prompts=64", "model.acft.oracle_block.global_batch_size=32",
+    "model.acft.oracle_block.micro_batch_size=32", "model.acft.sampling.max_new_tokens=12",
+    "model.acft.sampling.batch_size=64", "eval.prompts=32", "eval.samples_per_prompt=1",
+    "eval.ppl_records=64", "data.builtin.pretrain_records=600",
+    "data.builtin.train_records=300", "data.builtin.heldout_records=100",
+    "pretrain.model.hidden_size=32", "pretrain.model.ffn_hidden_size=128", "progress=false",
+]
+
+
+def compose(run_dir, cache, *overrides: str, config: str = "tiny_cpu") -> Dict:
+    """The resolved, checked config of ``acft-train run_dir=... cache_dir=... <FAST> <overrides>``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from nemo_acft.config import validate
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = hydra_compose(config_name=config, overrides=[f"run_dir={run_dir}",
+                                                           f"cache_dir={cache}", *FAST,
+                                                           *overrides])
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)
+    validate(plain)
+    return plain
+
+
+def drive(cfg: Dict) -> None:
+    """``role=all`` of ``cfg`` from this process (its worlds forked from it)."""
+    from nemo_acft.algorithms.setup import quiet_libraries
+    from nemo_acft.train import drive as _drive
+
+    quiet_libraries()
+    _drive(cfg)
+
+
+def cli(run_dir, cache, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``acft-train`` itself, in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "nemo_acft.train", f"run_dir={run_dir}",
+                           f"cache_dir={cache}", *FAST, *overrides], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def args(run_dir, cache, *overrides: str) -> List[str]:
+    """The command line of :func:`cli`."""
+    return [sys.executable, "-m", "nemo_acft.train", f"run_dir={run_dir}", f"cache_dir={cache}",
+            *FAST, *overrides]
