@@ -143,6 +143,43 @@ def test_the_default_runs_nemo_files_serve(seq_run):
     assert out["s_max"] > 0.0 and out["text"].startswith("you are")
 
 
+def _theta0_worker(rank, world, run_dir, nemo):
+    """θ_0 of a run started from a .nemo, against stock MegatronGPTModel's logits of it."""
+    import yaml
+    from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import MegatronGPTModel
+
+    from nemo_acft.algorithms.exchange import ArtifactStore
+    from nemo_acft.algorithms.setup import Run
+    from nemo_acft.config import Layout
+
+    cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    run = Run(cfg, "test", Layout(1, 1, 1))
+    run.model.load_part(ArtifactStore(Path(run_dir) / "exchange").path("lm", 0) / "trunk", "trunk")
+    x = run.data.heldout.tokens[:3, :-1]
+    pos = torch.arange(x.shape[1]).expand_as(x)
+    with torch.no_grad():
+        z, _ = run.model.module(x, pos, None)
+        stock = MegatronGPTModel.restore_from(nemo, trainer=run.model.trainer)
+        z_stock = stock.model(x, pos, None)
+    return (z - z_stock).abs().max().item(), run.model_cfg.tokenizer.model
+
+
+def test_a_run_from_a_nemo(seq_run, tmp_path, cache):
+    """model.restore_from_path: the .nemo's config is the base (its tokenizer file extracted
+    into run_dir/model/), the command line's keys on top, the head fresh; θ_0 is the .nemo's
+    trunk exactly."""
+    nemo = seq_run / "export" / "acft_gpt.nemo"
+    run_dir = tmp_path / "from_nemo"
+    drive(compose(run_dir, cache, f"model.restore_from_path={nemo}", "model.acft.iterations=1",
+                  "model.acft.lambda=1.0"))
+    info = json.loads((run_dir / "model" / "info.json").read_text())
+    assert info["restore_from_path"] == str(nemo)
+    (diff, tok), = run_workers(_theta0_worker, 1, str(run_dir), str(nemo))
+    assert diff == 0.0 and tok.startswith(str(run_dir / "model"))
+    assert _manifest(run_dir, "nado", 1)["read"]["nado"]["iteration"] == 0  # a fresh head
+    assert (run_dir / "export" / "acft_gpt.nemo").is_file()
+
+
 def test_parallel_run_manifests_tp2_to_tp1(par_run):
     summary = json.loads((par_run / "summary.json").read_text())
     assert summary["layouts"]["lm"]["tp"] == 2 and summary["layouts"]["oracle"]["tp"] == 1
