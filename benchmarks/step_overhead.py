@@ -70,7 +70,7 @@ def build(size, variant, device, dtype):
 
 
 def step(model, optimizer, params, data, variant):
-    from nemo_acft.models.acft_model import Regularizer
+    from nemo_acft.models.objectives import Regularizer
 
     reg = None if variant == "sft" else Regularizer(torch.tensor([1.0]), delta=0.95)
     model.lm_step(data, reg, micro_batch_size=data["inputs"].shape[0])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,3 @@ def cli(run_dir, cache, *overrides: str, timeout: float = 600) -> subprocess.Com
                           text=True, timeout=timeout)
 
 
-def args(run_dir, cache, *overrides: str) -> List[str]:
-    """The command line of :func:`cli`."""
-    return [sys.executable, "-m", "nemo_acft.train", f"run_dir={run_dir}", f"cache_dir={cache}",
-            *FAST, *overrides]

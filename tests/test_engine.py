@@ -53,7 +53,7 @@ def _gathered_grads(model):
 
 
 def _steps_worker(rank, world, tp, pp):
-    from nemo_acft.models.acft_model import Regularizer
+    from nemo_acft.models.objectives import LMLoss, Regularizer
 
     m = build(tp=tp, pp=pp, world=world)
     same_weights_for_any_split(m.module, tp)
@@ -63,7 +63,7 @@ def _steps_worker(rank, world, tp, pp):
     lm = [m.lm_step(corpus_batch(seed=i), reg, micro_batch_size=2) for i in range(2)]
     out["lm"] = lm
     m._optimizer.zero_grad()
-    m._fwd_bwd(corpus_batch(seed=5), reg, 2)
+    m._fwd_bwd(corpus_batch(seed=5), LMLoss(reg), 2)
     m._grad_reductions()
     out["lm_grads"] = _gathered_grads(m)
     if pp == 1:
@@ -104,7 +104,7 @@ def test_layouts_step_like_tp1(tp1_steps, tp, pp, world):
 
 def _reference_worker(rank, world):
     """The step's loss and gradient against float64 from the raw logits."""
-    from nemo_acft.models.acft_model import Regularizer
+    from nemo_acft.models.objectives import LMLoss, Regularizer
 
     m = build()
     same_weights_for_any_split(m.module, 1)
@@ -128,7 +128,7 @@ def _reference_worker(rank, world):
         loss = loss + lam * (kl * gate * mask * rows).sum() / (mask * rows).sum()
     loss.backward()
     m._optimizer.zero_grad()
-    out_metrics = m._fwd_bwd(b, reg, 2)
+    out_metrics = m._fwd_bwd(b, LMLoss(reg), 2)
     # dL/dz through the output layer: compare the output layer's weight gradient
     w_grad = m.module.output_layer.weight.grad.detach().clone()
     with torch.no_grad():
@@ -166,7 +166,7 @@ def _logits(m, x):
 def _save_worker(rank, world, tp, pp, path):
     from megatron.core import parallel_state
 
-    from nemo_acft.models.acft_model import Regularizer
+    from nemo_acft.models.objectives import Regularizer
 
     m = build(tp=tp, pp=pp, world=world)
     same_weights_for_any_split(m.module, tp)
@@ -207,7 +207,7 @@ def test_parts_saved_at_tp2_or_pp2_load_at_tp1(tmp_path, tp, pp):
 def _resume_worker(rank, world, path, mode):
     """4 steps straight, or 2 steps + save with the optimizer + a fresh model that loads and
     takes 2 more."""
-    from nemo_acft.models.acft_model import Regularizer
+    from nemo_acft.models.objectives import Regularizer
 
     reg = Regularizer(torch.tensor(LAMBDAS))
     m = build()

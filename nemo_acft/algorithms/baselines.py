@@ -24,7 +24,7 @@ import torch
 from nemo_acft.algorithms.blocks import oracle_block, publish_initial_head
 from nemo_acft.algorithms.exchange import ArtifactStore
 from nemo_acft.data import LMDataset, batch_indices
-from nemo_acft.models.acft_model import Reinforce
+from nemo_acft.models.objectives import Reinforce
 from nemo_acft.models.generate import SamplingParams
 from nemo_acft.sampling import generate_batched, generated_mask, score, texts
 

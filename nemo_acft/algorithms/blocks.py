@@ -24,7 +24,7 @@ import torch
 from nemo_acft.algorithms.coordination import StopRequested, stop_agreed
 from nemo_acft.algorithms.exchange import ArtifactStore
 from nemo_acft.data import LMDataset, batch_indices
-from nemo_acft.models.acft_model import Regularizer
+from nemo_acft.models.objectives import Regularizer
 from nemo_acft.models.generate import SamplingParams
 from nemo_acft.sampling import nado_batch, sample_and_label
 

@@ -31,7 +31,6 @@ ones and, on a CPU-only torch, applies :func:`nemo_acft.cpu_compat.apply_nemo`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import partial
 from importlib import metadata
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -74,28 +73,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from nemo_acft.models import checkpoint  # noqa: E402
 from nemo_acft.models.generate import Samples, SamplingParams, generate  # noqa: E402
-from nemo_acft.models.gpt_nado import NADO_PREFIX, GPTNADOModel, NADOHeadConfig, TokenLosses  # noqa: E402
+from nemo_acft.models.gpt_nado import NADO_PREFIX, GPTNADOModel, NADOHeadConfig  # noqa: E402
+from nemo_acft.models.objectives import (LMLoss, LogProbs, NadoLoss, Objective,  # noqa: E402
+                                         Regularizer, Reinforce)
 from nemo_acft.models.parallel import tp_group  # noqa: E402
-from nemo_acft.nado import kl_penalty, nado_loss, token_log_probs  # noqa: E402
-
-
-@dataclass
-class Regularizer:
-    """``Σ_d λ_d · mean_{i∈d} gate_i · KL_i`` (:func:`~nemo_acft.nado.kl_penalty`): one λ per
-    domain id of the batch (``lambdas[d]``), the feasibility gate δ and the ``min_z`` gate."""
-
-    lambdas: torch.Tensor
-    delta: Optional[float] = None
-    min_z: float = 0.0
-
-
-@dataclass
-class Reinforce:
-    """The RL baseline's extra loss term on sampled continuations:
-    ``coef · −(1/n) Σ_i A_i · Σ_t log p(y_i,t) / max_new_tokens`` over the n scored samples."""
-
-    coef: float
-    max_new_tokens: int
 
 
 def _dp() -> Tuple[int, int]:
@@ -233,7 +214,8 @@ class MegatronGPTACFTModel(MegatronGPTModel):
 
     def lm_step(self, batch: Dict[str, torch.Tensor], regularizer: Optional[Regularizer] = None,
                 micro_batch_size: Optional[int] = None,
-                extra: Sequence[Tuple[Dict[str, torch.Tensor], Any]] = ()) -> Dict[str, float]:
+                extra: Sequence[Tuple[Dict[str, torch.Tensor], Objective]] = ()
+                ) -> Dict[str, float]:
         """One optimizer step of the trunk on a corpus batch: the LM loss, plus the regularizer
         with the head's current φ when ``regularizer`` is given, plus ``extra`` terms
         (``(batch, Reinforce(...))``, computed in their own forward-backward pass and added to
@@ -247,8 +229,7 @@ class MegatronGPTACFTModel(MegatronGPTModel):
         """
         if self._trainable != "trunk":
             raise RuntimeError("lm_step before configure_training('trunk', ...)")
-        parts = [(batch, regularizer if regularizer is not None else "lm")] + list(extra)
-        return self._train_step(parts, micro_batch_size)
+        return self._train_step([(batch, LMLoss(regularizer))] + list(extra), micro_batch_size)
 
     def nado_step(self, batch: Dict[str, torch.Tensor], alpha: float = 1.0,
                   micro_batch_size: Optional[int] = None) -> Dict[str, float]:
@@ -260,7 +241,7 @@ class MegatronGPTACFTModel(MegatronGPTModel):
         """
         if self._trainable != "head":
             raise RuntimeError("nado_step before configure_training('head', ...)")
-        return self._train_step([(batch, ("nado", float(alpha)))], micro_batch_size)
+        return self._train_step([(batch, NadoLoss(float(alpha)))], micro_batch_size)
 
     def _train_step(self, parts, micro_batch_size) -> Dict[str, float]:
         from nemo.collections.nlp.models.language_modeling import megatron_base_model
@@ -314,14 +295,11 @@ class MegatronGPTACFTModel(MegatronGPTModel):
 
     # --- the forward-backward schedule ------------------------------------------------------
 
-    def _fwd_bwd(self, batch, objective, micro_batch_size: int, forward_only: bool = False):
-        """Run ``objective`` on this DP rank's rows of ``batch`` through megatron's schedule.
-
-        ``objective``: ``"lm"`` (LM loss alone), a :class:`Regularizer` (LM loss + KL),
-        ``("nado", alpha)``, a :class:`Reinforce`, or ``("logprobs", guidance)`` (forward only:
-        returns the per-token log-probabilities of this DP rank's rows). Returns metrics (sums
-        over the global batch of additive partial means) on every rank.
-        """
+    def _fwd_bwd(self, batch, objective: Objective, micro_batch_size: int):
+        """Run ``objective`` (:mod:`nemo_acft.models.objectives`) on this DP rank's rows of
+        ``batch`` through megatron's schedule: forward and backward, or forward only for an
+        objective that collects (the per-token log-probabilities of this DP rank's rows,
+        returned as they are). Returns the metrics, reduced over the world, on every rank."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         dp_rank, dp = _dp()
@@ -334,7 +312,7 @@ class MegatronGPTACFTModel(MegatronGPTModel):
             raise ValueError(f"{local} rows per data-parallel rank are not a multiple of the "
                              f"micro-batch size {mbs}")
         n_mb = local // mbs
-        denom = self._denominators(batch, objective)
+        denom = objective.denominators(batch)
         device = self.device
         mine = {k: v[dp_rank * local:(dp_rank + 1) * local] for k, v in batch.items()
                 if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows}
@@ -342,130 +320,46 @@ class MegatronGPTACFTModel(MegatronGPTModel):
         positions = torch.arange(seq).expand(mbs, seq)
         micro = [{**{k: v[i * mbs:(i + 1) * mbs].to(device) for k, v in mine.items()},
                   "position_ids": positions.to(device)} for i in range(n_mb)]
-        scale = float(n_mb * dp)  # the schedule divides by n_mb; the DP reduction averages
-        use_head = not (objective == "lm" or isinstance(objective, Reinforce)
-                        or (isinstance(objective, tuple) and objective[0] == "logprobs"
-                            and objective[1] is None))
-        with_labels = objective == "lm" or isinstance(objective, Regularizer)
-        loss_fn = partial(self._loss, objective=objective, denom=denom, scale=scale)
+        # the schedule divides each micro-batch's loss by n_mb; the DP reduction averages
+        loss_fn = partial(objective.loss, denom=denom, scale=float(n_mb * dp), tp=tp_group(),
+                          vocab_size=self.vocab_size)
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             out = model(mb["inputs"], mb["position_ids"], None,
-                        labels=mb["targets"] if with_labels else None)
-            return out, partial(loss_fn, mb)
+                        labels=mb["targets"] if objective.with_labels else None)
+            return out, lambda output, non_loss_data=False: loss_fn(mb, output)
 
         module = self.module
-        module.head_enabled = use_head
-        collect = isinstance(objective, tuple) and objective[0] == "logprobs"
-        if collect or forward_only:
+        module.head_enabled = objective.uses_head
+        if objective.collect:
             module.eval()
         try:
             data = get_forward_backward_func()(
                 forward_step_func=forward_step, data_iterator=iter(micro), model=self.model,
-                num_microbatches=n_mb, forward_only=forward_only or collect,
-                seq_length=seq, micro_batch_size=mbs, collect_non_loss_data=collect)
+                num_microbatches=n_mb, forward_only=objective.collect, seq_length=seq,
+                micro_batch_size=mbs, collect_non_loss_data=objective.collect)
         finally:
             module.head_enabled = True
-        if collect:
+        if objective.collect:
             return data
-        return self._reduce_metrics(data, objective)
+        return objective.finish(self._reduce_metrics(data, objective.names()))
 
-    @staticmethod
-    def _denominators(batch, objective) -> Dict[str, torch.Tensor]:
-        """Token counts of the *global* batch that normalise every micro-batch's loss."""
-        mask = batch.get("loss_mask")
-        if isinstance(objective, tuple) and objective[0] == "nado":
-            labelled = torch.isfinite(batch["labels"].float()).float().unsqueeze(-1)
-            return {"tokens": (mask.float() * labelled).sum()}
-        if isinstance(objective, Reinforce):
-            return {"scored": torch.isfinite(batch["rewards"].float()).sum().float()}
-        if mask is None:
-            return {}
-        out = {"tokens": mask.float().sum()}
-        if isinstance(objective, Regularizer):
-            d = objective.lambdas.numel()
-            onehot = torch.nn.functional.one_hot(batch["domain_ids"].long(), d).float()
-            out["domain_tokens"] = onehot.t() @ mask.float().sum(-1)
-        return out
-
-    def _loss(self, mb, output, objective, denom, scale, non_loss_data: bool = False):
-        """The loss of one micro-batch on the last stage: ``(loss × scale, {"sums": ...})``."""
-        tp = tp_group()
-        if isinstance(objective, tuple) and objective[0] == "logprobs":
-            z, s = output
-            guidance = objective[1]
-            lp, top = token_log_probs(z, mb["targets"], tp, nado_logits=s if guidance is not None
-                                      else None, guidance=guidance if guidance is not None
-                                      else 1.0, vocab_size=self.vocab_size, return_max=True)
-            return torch.stack([lp.float(), top.float()])
-        if isinstance(objective, tuple) and objective[0] == "nado":
-            z, s = output
-            loss, parts = nado_loss(z.detach(), s, mb["targets"], mb["labels"], mb["loss_mask"],
-                                    alpha=objective[1], tp_group=tp,
-                                    num_tokens=denom["tokens"].to(z.device))
-            sums = torch.stack([loss.detach(), parts["ce"], parts["cons"]]).float()
-            return loss * scale, {"sums": sums}
-        if isinstance(objective, Reinforce):
-            z = output[0]
-            lp = token_log_probs(z, mb["targets"], tp, vocab_size=self.vocab_size)
-            seq_lp = (lp * mb["loss_mask"].to(lp.dtype)).sum(-1)
-            adv = mb["advantages"].to(lp.dtype)
-            n = denom["scored"].to(lp.device).clamp_min(1.0)
-            rl = -(adv * seq_lp).sum() / (n * objective.max_new_tokens)
-            return objective.coef * rl * scale, {"sums": rl.detach().float().view(1)}
-        assert isinstance(output, TokenLosses), type(output)
-        mask = mb["loss_mask"].float()
-        n = denom["tokens"].to(mask.device).clamp_min(1.0)
-        lm = (output.lm_loss.float() * mask).sum() / n
-        if not isinstance(objective, Regularizer):
-            return lm * scale, {"sums": lm.detach().view(1)}
-        penalty, parts = kl_penalty(output.kl, output.log_z, mask, mb["domain_ids"].long(),
-                                    objective.lambdas.to(mask.device), objective.delta,
-                                    objective.min_z,
-                                    domain_tokens=denom["domain_tokens"].to(mask.device))
-        sums = torch.cat([torch.stack([lm.detach(), penalty.detach(), parts["kl"],
-                                       parts["gated_share"], parts["mean_z"]]).float(),
-                          parts["kl_by_domain"].float()])
-        return (lm + penalty) * scale, {"sums": sums}
-
-    def _reduce_metrics(self, data: List[Dict[str, torch.Tensor]], objective) -> Dict[str, Any]:
+    def _reduce_metrics(self, data: List[Dict[str, torch.Tensor]], names: List[str]):
         """Sum the micro-batches' partial means, over data parallel, and send them from the
         last pipeline stage to every stage."""
         import torch.distributed as dist
 
-        names = self._metric_names(objective)
-        width = len(names)
         if parallel_state.is_pipeline_last_stage():
             total = torch.stack([d["sums"] for d in data]).sum(0).to(self.device)
         else:
-            total = torch.zeros(width, device=self.device)
+            total = torch.zeros(len(names), device=self.device)
         if _dp()[1] > 1:
             dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(total, parallel_state.get_pipeline_model_parallel_last_rank(),
                            group=parallel_state.get_pipeline_model_parallel_group())
-        values = total.tolist()
-        out: Dict[str, Any] = dict(zip(names, values))
-        if isinstance(objective, Regularizer):
-            out["kl_by_domain"] = values[len(names) - objective.lambdas.numel():]
-            for i in range(objective.lambdas.numel()):
-                out.pop(f"kl_by_domain.{i}")
-            out["loss"] = out["lm_loss"] + out["penalty"]
-        elif objective == "lm":
-            out["loss"] = out["lm_loss"]
-        return out
-
-    @staticmethod
-    def _metric_names(objective) -> List[str]:
-        if isinstance(objective, tuple):
-            return ["nado_loss", "nado_ce", "nado_cons"]
-        if isinstance(objective, Reinforce):
-            return ["rl_loss"]
-        if isinstance(objective, Regularizer):
-            return (["lm_loss", "penalty", "kl", "gated_share", "mean_z"]
-                    + [f"kl_by_domain.{i}" for i in range(objective.lambdas.numel())])
-        return ["lm_loss"]
+        return dict(zip(names, total.tolist()))
 
     # --- inference ------------------------------------------------------------------------
 
@@ -509,7 +403,7 @@ class MegatronGPTACFTModel(MegatronGPTModel):
         padded = torch.full((per_rank * dp, seq + 1), self.pad_id, dtype=torch.long)
         padded[:rows, :width] = tokens
         batch = {"inputs": padded[:, :-1], "targets": padded[:, 1:].contiguous()}
-        data = self._fwd_bwd(batch, ("logprobs", guidance), mbs)
+        data = self._fwd_bwd(batch, LogProbs(guidance), mbs)
         out = torch.zeros(2, per_rank, seq, device=self.device)
         if parallel_state.is_pipeline_last_stage():
             out = torch.cat(list(data), dim=1).to(self.device)
@@ -543,4 +437,5 @@ class MegatronGPTACFTModel(MegatronGPTModel):
                                self.scheduler if with_optimizer else None)
 
 
-__all__ = ["MegatronGPTACFTModel", "Regularizer", "Reinforce", "check_versions", "REQUIRED"]
+__all__ = ["MegatronGPTACFTModel", "Regularizer", "Reinforce", "LMLoss", "NadoLoss", "LogProbs",
+           "check_versions", "REQUIRED"]

@@ -1,0 +1,176 @@
+"""What one forward(-backward) pass of :class:`~nemo_acft.models.acft_model.MegatronGPTACFTModel`
+computes, one class per objective: what the forward needs (the head, the labels), the token
+counts of the *global* batch that normalise every micro-batch's loss, the loss of one
+micro-batch on the last pipeline stage, and its metrics as additive partial means.
+
+Normalising by the global batch makes the micro-batches' and the data-parallel ranks' losses add
+up to the batch's, so a step is the same at any data-parallel and micro-batch size (up to
+summation order); ``scale`` undoes megatron's ``1/num_microbatches`` and the data-parallel
+average of the gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from nemo_acft.models.gpt_nado import TokenLosses
+from nemo_acft.nado import kl_penalty, nado_loss, token_log_probs
+
+
+@dataclass
+class Regularizer:
+    """``Σ_d λ_d · mean_{i∈d} gate_i · KL_i`` (:func:`~nemo_acft.nado.kl_penalty`): one λ per
+    domain id of the batch (``lambdas[d]``), the feasibility gate δ and the ``min_z`` gate."""
+
+    lambdas: torch.Tensor
+    delta: Optional[float] = None
+    min_z: float = 0.0
+
+
+class Objective:
+    """The interface (see the module docstring); subclasses are dataclasses."""
+
+    #: the forward runs the NADO head / gets the labels (per-token losses) / only collects
+    uses_head = True
+    with_labels = False
+    collect = False
+
+    def denominators(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Token (or sample) counts of the whole global batch."""
+        return {"tokens": batch["loss_mask"].float().sum()}
+
+    def names(self) -> List[str]:  # noqa: D102
+        raise NotImplementedError
+
+    def loss(self, mb, output, denom, scale: float, tp, vocab_size: int):
+        """``(loss × scale, {"sums": metrics})`` of one micro-batch (the last stage's output)."""
+        raise NotImplementedError
+
+    def finish(self, metrics: Dict[str, Any]) -> Dict[str, Any]:
+        """Derived metrics, after the reduction over the world."""
+        return metrics
+
+
+@dataclass
+class LMLoss(Objective):
+    """The LM loss (the trunk trains), plus the regularizer with the head's φ when given."""
+
+    regularizer: Optional[Regularizer] = None
+    with_labels = True
+
+    @property
+    def uses_head(self) -> bool:  # noqa: D102
+        return self.regularizer is not None
+
+    def denominators(self, batch):  # noqa: D102
+        out = super().denominators(batch)
+        if self.regularizer is not None:
+            d = self.regularizer.lambdas.numel()
+            onehot = torch.nn.functional.one_hot(batch["domain_ids"].long(), d).float()
+            out["domain_tokens"] = onehot.t() @ batch["loss_mask"].float().sum(-1)
+        return out
+
+    def names(self):  # noqa: D102
+        if self.regularizer is None:
+            return ["lm_loss"]
+        return (["lm_loss", "penalty", "kl", "gated_share", "mean_z"]
+                + [f"kl_by_domain.{i}" for i in range(self.regularizer.lambdas.numel())])
+
+    def loss(self, mb, output, denom, scale, tp, vocab_size):  # noqa: D102
+        assert isinstance(output, TokenLosses), type(output)
+        mask = mb["loss_mask"].float()
+        lm = (output.lm_loss.float() * mask).sum() / denom["tokens"].to(mask.device).clamp_min(1)
+        r = self.regularizer
+        if r is None:
+            return lm * scale, {"sums": lm.detach().view(1)}
+        penalty, parts = kl_penalty(output.kl, output.log_z, mask, mb["domain_ids"].long(),
+                                    r.lambdas.to(mask.device), r.delta, r.min_z,
+                                    domain_tokens=denom["domain_tokens"].to(mask.device))
+        sums = torch.cat([torch.stack([lm.detach(), penalty.detach(), parts["kl"],
+                                       parts["gated_share"], parts["mean_z"]]).float(),
+                          parts["kl_by_domain"].float()])
+        return (lm + penalty) * scale, {"sums": sums}
+
+    def finish(self, metrics):  # noqa: D102
+        if self.regularizer is None:
+            return {**metrics, "loss": metrics["lm_loss"]}
+        d = self.regularizer.lambdas.numel()
+        by_domain = [metrics.pop(f"kl_by_domain.{i}") for i in range(d)]
+        return {**metrics, "kl_by_domain": by_domain,
+                "loss": metrics["lm_loss"] + metrics["penalty"]}
+
+
+@dataclass
+class NadoLoss(Objective):
+    """``nado_loss`` on labelled samples (the head trains; the trunk's logits detached)."""
+
+    alpha: float = 1.0
+
+    def denominators(self, batch):  # noqa: D102
+        labelled = torch.isfinite(batch["labels"].float()).float().unsqueeze(-1)
+        return {"tokens": (batch["loss_mask"].float() * labelled).sum()}
+
+    def names(self):  # noqa: D102
+        return ["nado_loss", "nado_ce", "nado_cons"]
+
+    def loss(self, mb, output, denom, scale, tp, vocab_size):  # noqa: D102
+        z, s = output
+        loss, parts = nado_loss(z.detach(), s, mb["targets"], mb["labels"], mb["loss_mask"],
+                                alpha=self.alpha, tp_group=tp,
+                                num_tokens=denom["tokens"].to(z.device))
+        return loss * scale, {"sums": torch.stack([loss.detach(), parts["ce"],
+                                                   parts["cons"]]).float()}
+
+
+@dataclass
+class Reinforce(Objective):
+    """The RL baseline's extra loss term on sampled continuations:
+    ``coef · −(1/n) Σ_i A_i · Σ_t log p(y_i,t) / max_new_tokens`` over the n scored samples
+    (the batch's ``advantages`` and ``rewards``, NaN = unscored; ``loss_mask`` marks the
+    generated tokens). ``rl_loss`` is the term before ``coef``."""
+
+    coef: float
+    max_new_tokens: int
+    uses_head = False
+
+    def denominators(self, batch):  # noqa: D102
+        return {"scored": torch.isfinite(batch["rewards"].float()).sum().float()}
+
+    def names(self):  # noqa: D102
+        return ["rl_loss"]
+
+    def loss(self, mb, output, denom, scale, tp, vocab_size):  # noqa: D102
+        lp = token_log_probs(output[0], mb["targets"], tp, vocab_size=vocab_size)
+        seq_lp = (lp * mb["loss_mask"].to(lp.dtype)).sum(-1)
+        n = denom["scored"].to(lp.device).clamp_min(1.0)
+        rl = -(mb["advantages"].to(lp.dtype) * seq_lp).sum() / (n * self.max_new_tokens)
+        return self.coef * rl * scale, {"sums": rl.detach().float().view(1)}
+
+
+@dataclass
+class LogProbs(Objective):
+    """Forward only: each target token's log-probability under p (``guidance`` None) or
+    ``q_β`` (with the head), and the largest of its position; collected, not reduced."""
+
+    guidance: Optional[float] = None
+    collect = True
+
+    @property
+    def uses_head(self) -> bool:  # noqa: D102
+        return self.guidance is not None
+
+    def denominators(self, batch):  # noqa: D102
+        return {}
+
+    def loss(self, mb, output, denom, scale, tp, vocab_size):  # noqa: D102
+        z, s = output
+        lp, top = token_log_probs(z, mb["targets"], tp, nado_logits=s if self.uses_head else None,
+                                  guidance=1.0 if self.guidance is None else self.guidance,
+                                  vocab_size=vocab_size, return_max=True)
+        return torch.stack([lp.float(), top.float()])
+
+
+__all__ = ["Objective", "Regularizer", "LMLoss", "NadoLoss", "Reinforce", "LogProbs"]
