@@ -412,3 +412,77 @@ def test_version_check_names_versions(monkeypatch):
     with pytest.raises(ImportError, match=r"needs nemo-toolkit==2.5.0, megatron-core==0.13.1; "
                                           r"installed: nemo-toolkit 2.4.1"):
         engine.check_versions()
+
+
+# --- the reference (model.acft.reference: frozen | base) ------------------------------------
+
+
+def _ref_step_worker(rank, world, tp, pp, path):
+    """An LM step whose q comes from a frozen reference: (1) with the reference equal to the
+    model, the same metrics as q from the model itself; (2) after the trunk has moved, the
+    metrics, and at TP = PP = 1 the float64 brute force of the loss and the output layer's
+    gradient from the two models' raw logits."""
+    from nemo_acft.models.objectives import LMLoss, Regularizer
+
+    m = build(tp=tp, pp=pp, world=world)
+    same_weights_for_any_split(m.module, tp)
+    m.configure_training("trunk", m.cfg.optim, max_steps=10)
+    m.save_part(f"{path}/trunk", "trunk")
+    m.save_part(f"{path}/head", "head")
+    m.set_reference(f"{path}/trunk", f"{path}/head")
+    b = corpus_batch(seed=3)
+    out = {}
+    for name, ref in (("current", False), ("same", True)):
+        m._optimizer.zero_grad()
+        out[name] = m._fwd_bwd(b, LMLoss(Regularizer(torch.tensor(LAMBDAS), None, 0.0, ref)), 2)
+    m.lm_step(corpus_batch(seed=9), None, micro_batch_size=4)  # the trunk moves, q_ref stays
+    m._optimizer.zero_grad()
+    out["moved"] = m._fwd_bwd(b, LMLoss(Regularizer(torch.tensor(LAMBDAS), 0.9, 0.0, True)), 2)
+    if tp == pp == 1:
+        out["w_grad"] = m.module.output_layer.weight.grad.detach().clone()
+        pos = torch.arange(b["inputs"].shape[1]).expand_as(b["inputs"])
+        hidden = {}
+        handle = m.module.output_layer.register_forward_hook(
+            lambda mod, inp, o: hidden.__setitem__("h", inp[0].detach()))
+        with torch.no_grad():
+            z, _ = m.module(b["inputs"], pos, None)
+            zr, sr = m.reference_module(b["inputs"], pos, None)
+        handle.remove()
+        out.update(z=z, zr=zr, sr=sr, h=hidden["h"].transpose(0, 1))
+    return out
+
+
+def test_lm_step_with_a_frozen_reference(tmp_path):
+    (one,) = run_workers(_ref_step_worker, 1, 1, 1, str(tmp_path / "a"))
+    # (1) reference = the model: the same step as q from the model
+    for key in ("loss", "lm_loss", "penalty", "kl", "mean_z"):
+        assert one["same"][key] == pytest.approx(one["current"][key], rel=1e-5), key
+    # (2) brute force in float64 from the raw logits of the moved model and the reference
+    b = corpus_batch(seed=3)
+    z = one["z"].double().requires_grad_()
+    log_p = torch.log_softmax(z, -1)
+    log_q = torch.log_softmax(one["zr"].double() + F.logsigmoid(one["sr"].double()), -1)
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1)
+    log_z = torch.logsumexp(torch.log_softmax(one["zr"].double(), -1)
+                            + F.logsigmoid(one["sr"].double()), -1)
+    gate = (log_z < math.log(0.9)).double()
+    mask = b["loss_mask"].double()
+    ce = -log_p.gather(-1, b["targets"].unsqueeze(-1)).squeeze(-1)
+    loss = (ce * mask).sum() / mask.sum()
+    for d, lam in enumerate(LAMBDAS):
+        rows = (b["domain_ids"] == d).double().unsqueeze(-1)
+        loss = loss + lam * (kl * gate * mask * rows).sum() / (mask * rows).sum()
+    loss.backward()
+    moved = one["moved"]
+    assert moved["lm_loss"] + moved["penalty"] == pytest.approx(float(loss), rel=1e-5)
+    assert abs(moved["lm_loss"] - one["same"]["lm_loss"]) > 1e-3  # the trunk moved
+    ref_w = torch.einsum("bsv,bsh->vh", z.grad, one["h"].double())
+    torch.testing.assert_close(one["w_grad"].double(), ref_w, rtol=1e-4, atol=1e-7)
+    # (3) TP = 2 and PP = 2: the same metrics (the reference's forward runs in the step at
+    # PP = 1 and as its own forward-only pipeline pass at PP = 2)
+    for tp, pp in ((2, 1), (1, 2)):
+        for r in run_workers(_ref_step_worker, 2, tp, pp, str(tmp_path / f"{tp}{pp}")):
+            for name in ("same", "moved"):
+                for key in ("loss", "lm_loss", "penalty", "kl", "mean_z", "gated_share"):
+                    assert r[name][key] == pytest.approx(one[name][key], rel=2e-5, abs=1e-7), \
+                        (tp, pp, name, key)

@@ -140,3 +140,117 @@ def test_projection_inside_the_loss_equals_materialised_logits():
     expected = g_ce[:, None] * (p - F.one_hot(y, 40).double()) + g_kl[:, None] * (p - q)
     torch.testing.assert_close(zz.grad.double(), expected, rtol=1e-4, atol=1e-5)
     assert hidden.grad is None and weight.grad is None
+
+
+# --- q from a reference (model.acft.reference: frozen | base) ------------------------------
+
+
+def _ref_formulas(z, zr, s, y):
+    """float64 brute force of KL(q_ref ‖ p), q_ref = softmax(zr + logσ(s)), and Z_ref."""
+    z, zr, s = z.double(), zr.double(), s.double()
+    log_p = torch.log_softmax(z, -1)
+    log_q = torch.log_softmax(zr + F.logsigmoid(s), -1)
+    q = log_q.exp()
+    kl = torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q)).sum(-1)
+    log_z = torch.logsumexp(torch.log_softmax(zr, -1) + F.logsigmoid(s), -1)
+    ce = -log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    return ce, kl, log_z, log_p.exp(), q
+
+
+@pytest.mark.parametrize("path", ["unfused", "fused", "hidden"])
+def test_reference_kl_equals_brute_force(path):
+    """KL(q_ref ‖ p) with q_ref from a reference's logits: values, Z_ref and the gradient
+    p − q_ref, by the unfused autograd path, the fused pass and the projection inside it."""
+    from nemo_acft.nado import closed_form_kl
+    from nemo_acft.nado.fused import fused_ce_kl_from_hidden
+
+    z, s, y, g_ce, g_kl = _inputs(n=29, v=40, seed=5)
+    g = torch.Generator().manual_seed(11)
+    h_ref, w_ref = torch.randn(29, 16, generator=g), torch.randn(40, 16, generator=g)
+    h_s, w_s = torch.randn(29, 16, generator=g), torch.randn(40, 16, generator=g)
+    zr = (h_ref.double() @ w_ref.double().t()).float()
+    if path == "hidden":
+        s = (h_s.double() @ w_s.double().t()).float()
+    zz = z.clone().requires_grad_(True)
+    if path == "unfused":
+        kl, log_z = closed_form_kl(zz, s, return_log_z=True, ref_lm_logits=zr)
+        ce = cross_entropy(zz, y)
+    elif path == "fused":
+        ce, kl, log_z = fused_ce_kl(zz, s, y, chunk_tokens=6, ref_lm_logits=zr)
+    else:
+        ce, kl, log_z = fused_ce_kl_from_hidden(zz, h_s, w_s, y, chunk_tokens=6,
+                                                ref_hidden=h_ref, ref_weight=w_ref)
+    ((ce * g_ce.float()).sum() + (kl * g_kl.float()).sum()).backward()
+    r_ce, r_kl, r_log_z, p, q = _ref_formulas(z, zr, s, y)
+    torch.testing.assert_close(ce.double(), r_ce, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl.double(), r_kl, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(log_z.double(), r_log_z, rtol=1e-5, atol=1e-5)
+    expected = g_ce[:, None] * (p - F.one_hot(y, 40).double()) + g_kl[:, None] * (p - q)
+    torch.testing.assert_close(zz.grad.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["unfused", "fused"])
+def test_reference_kl_is_minimised_at_p_equal_q_ref(path):
+    """At z = log q_ref (up to a constant per row) KL(q_ref ‖ p) = 0 with zero gradient; any
+    perturbation of z that changes p increases it (KL ≥ 0, Gibbs)."""
+    from nemo_acft.nado import closed_form_kl
+
+    _, s, y, *_ = _inputs(n=16, v=30, seed=8)
+    g = torch.Generator().manual_seed(3)
+    zr = torch.randn(16, 30, generator=g) * 2
+    log_q = torch.log_softmax(zr.double() + F.logsigmoid(s.double()), -1)
+
+    def kl_grad(z):
+        z = z.clone().requires_grad_(True)
+        if path == "unfused":
+            kl = closed_form_kl(z, s, ref_lm_logits=zr)
+        else:
+            kl = fused_ce_kl(z, s, y, chunk_tokens=5, ref_lm_logits=zr)[1]
+        kl.sum().backward()
+        return kl.detach(), z.grad
+
+    at_q = (log_q + torch.randn(16, 1, generator=g, dtype=torch.float64) * 5).float()
+    kl, grad = kl_grad(at_q)
+    assert kl.abs().max() < 1e-5 and grad.abs().max() < 1e-5
+    for scale in (0.01, 0.3, 3.0):
+        kl2, _ = kl_grad(at_q + scale * torch.randn(16, 30, generator=g))
+        assert (kl2 > kl + 1e-7).all()
+
+
+def _tp_ref_worker(rank, world_size):
+    from nemo_acft.models import init_distributed, tp_group
+
+    init_distributed(tp=world_size, pp=1, seed=0)
+    z, s, y, g_ce, g_kl = _inputs(n=21, v=48, seed=2)
+    zr = _inputs(n=21, v=48, seed=4)[0]
+    v_local = 48 // world_size
+    sl = slice(rank * v_local, (rank + 1) * v_local)
+    out = {}
+    for path in ("unfused", "fused"):
+        zz = z[:, sl].contiguous().requires_grad_(True)
+        if path == "fused":
+            ce, kl, log_z = fused_ce_kl(zz, s[:, sl].contiguous(), y, tp_group(), 8,
+                                        ref_lm_logits=zr[:, sl].contiguous())
+        else:
+            from nemo_acft.nado import closed_form_kl
+            kl, log_z = closed_form_kl(zz, s[:, sl].contiguous(), tp_group(), True,
+                                       ref_lm_logits=zr[:, sl].contiguous())
+            ce = cross_entropy(zz, y, tp_group())
+        ((ce * g_ce.float()).sum() + (kl * g_kl.float()).sum()).backward()
+        out[path] = {"kl": kl.detach(), "log_z": log_z, "grad": zz.grad}
+    return out
+
+
+def test_reference_kl_tp2_equals_brute_force():
+    two = run_workers(_tp_ref_worker, 2)
+    z, s, y, g_ce, g_kl = _inputs(n=21, v=48, seed=2)
+    zr = _inputs(n=21, v=48, seed=4)[0]
+    r_ce, r_kl, r_log_z, p, q = _ref_formulas(z, zr, s, y)
+    expected = g_ce[:, None] * (p - F.one_hot(y, 48).double()) + g_kl[:, None] * (p - q)
+    for path in ("unfused", "fused"):
+        for r in range(2):
+            torch.testing.assert_close(two[r][path]["kl"].double(), r_kl, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(two[r][path]["log_z"].double(), r_log_z, rtol=1e-5,
+                                       atol=1e-5)
+        grad = torch.cat([two[0][path]["grad"], two[1][path]["grad"]], -1)
+        torch.testing.assert_close(grad.double(), expected, rtol=1e-4, atol=1e-5)

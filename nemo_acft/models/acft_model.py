@@ -74,8 +74,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 from nemo_acft.models import checkpoint  # noqa: E402
 from nemo_acft.models.generate import Samples, SamplingParams, generate  # noqa: E402
 from nemo_acft.models.gpt_nado import NADO_PREFIX, GPTNADOModel, NADOHeadConfig  # noqa: E402
-from nemo_acft.models.objectives import (LMLoss, LogProbs, NadoLoss, Objective,  # noqa: E402
-                                         Regularizer, Reinforce)
+from nemo_acft.models.objectives import (DistributionStats, LMLoss, LogProbs,  # noqa: E402
+                                         NadoLoss, Objective, Regularizer, Reinforce)
 from nemo_acft.models.parallel import tp_group  # noqa: E402
 
 
@@ -97,6 +97,7 @@ class MegatronGPTACFTModel(MegatronGPTModel):
         self.head_config = NADOHeadConfig(**OmegaConf.to_container(OmegaConf.create(dict(head))))
         super().__init__(cfg, trainer)
         self._trainable: Optional[str] = None
+        self._reference_module: Optional[GPTNADOModel] = None
 
     # --- NeMo hooks ---------------------------------------------------------------------
 
@@ -293,13 +294,71 @@ class MegatronGPTACFTModel(MegatronGPTModel):
                 and self.cfg.get("share_embeddings_and_output_weights", True)):
             self.allreduce_first_last_embeddings()
 
+    # --- the reference (model.acft.reference: frozen | base) ---------------------------------
+
+    def set_reference(self, trunk_path, head_path) -> None:
+        """Load the reference q is built from (``Regularizer(reference=True)``): a trunk θ_ref
+        and a head φ, each a part written by :meth:`save_part` (any layout, resharded), into a
+        second, frozen copy of this rank's stage. It is built once, without initialising its
+        weights, in the trunk's dtype, and holds no gradients or optimizer state: one model's
+        weights more in memory (NeMo-Aligner's DPO keeps its reference the same way, or swaps
+        it in from the CPU)."""
+        if self._reference_module is None:
+            import dataclasses
+
+            cfg = self.transformer_config
+            self.transformer_config = dataclasses.replace(cfg, perform_initialization=False)
+            try:
+                ref = self.model_provider_func(self.module.pre_process, self.module.post_process)
+            finally:
+                self.transformer_config = cfg
+            dtype = next(p for n, p in self.module.named_parameters()
+                         if not n.startswith(NADO_PREFIX)).dtype
+            ref.to(self.device)
+            for n, p in ref.named_parameters():
+                p.requires_grad_(False)
+                if not (n.startswith(NADO_PREFIX) and self.head_config.fp32):
+                    p.data = p.data.to(dtype)
+            ref.eval()
+            self._reference_module = ref
+        checkpoint.load(trunk_path, self._reference_module, "trunk")
+        checkpoint.load(head_path, self._reference_module, "head")
+
+    @property
+    def reference_module(self) -> Optional[GPTNADOModel]:
+        """This rank's stage of the reference (None before :meth:`set_reference`)."""
+        return self._reference_module
+
+    def _reference_outputs(self, micro, seq: int, mbs: int):
+        """The reference's :class:`~nemo_acft.models.gpt_nado.ReferenceHidden` of every
+        micro-batch, by a forward-only pass of its pipeline (held on the last stage until the
+        training pass takes them: micro-batches × mbs × seq × 2h values)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            out = model(mb["inputs"], mb["position_ids"], None, return_hidden=True)
+            return out, lambda output, non_loss_data=False: output
+
+        with torch.no_grad():
+            return get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iter(micro),
+                model=[self._reference_module], num_microbatches=len(micro), forward_only=True,
+                seq_length=seq, micro_batch_size=mbs, collect_non_loss_data=True)
+
     # --- the forward-backward schedule ------------------------------------------------------
 
-    def _fwd_bwd(self, batch, objective: Objective, micro_batch_size: int):
+    def _fwd_bwd(self, batch, objective: Objective, micro_batch_size: int,
+                 on_reference: bool = False):
         """Run ``objective`` (:mod:`nemo_acft.models.objectives`) on this DP rank's rows of
         ``batch`` through megatron's schedule: forward and backward, or forward only for an
         objective that collects (the per-token log-probabilities of this DP rank's rows,
-        returned as they are). Returns the metrics, reduced over the world, on every rank."""
+        returned as they are). Returns the metrics, reduced over the world, on every rank.
+        ``on_reference``: run a collecting objective on the reference instead.
+
+        An objective that uses the reference gets its hidden states per micro-batch: at
+        pipeline parallelism 1 from a no-grad forward of the reference inside the step (nothing
+        held), otherwise from a forward-only pass of the reference's pipeline before it."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         dp_rank, dp = _dp()
@@ -324,19 +383,40 @@ class MegatronGPTACFTModel(MegatronGPTModel):
         loss_fn = partial(objective.loss, denom=denom, scale=float(n_mb * dp), tp=tp_group(),
                           vocab_size=self.vocab_size)
 
+        ref = self._reference_module
+        if (objective.uses_reference or on_reference) and ref is None:
+            raise RuntimeError("an objective with the reference before set_reference(...)")
+        if on_reference and not objective.collect:
+            raise ValueError("on_reference: only a collecting objective runs on the reference")
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        refs = (iter(self._reference_outputs(micro, seq, mbs))
+                if objective.uses_reference and pp > 1 else None)
+
+        def reference_of(mb):
+            if not (objective.uses_reference and parallel_state.is_pipeline_last_stage()):
+                return None
+            if refs is not None:
+                return next(refs)
+            with torch.no_grad():
+                return ref(mb["inputs"], mb["position_ids"], None, return_hidden=True)
+
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
+            kwargs = {}
+            if objective.uses_reference:
+                kwargs["reference"] = reference_of(mb)
             out = model(mb["inputs"], mb["position_ids"], None,
-                        labels=mb["targets"] if objective.with_labels else None)
+                        labels=mb["targets"] if objective.with_labels else None, **kwargs)
             return out, lambda output, non_loss_data=False: loss_fn(mb, output)
 
-        module = self.module
+        module = ref if on_reference else self.module
         module.head_enabled = objective.uses_head
         if objective.collect:
             module.eval()
         try:
             data = get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=iter(micro), model=self.model,
+                forward_step_func=forward_step, data_iterator=iter(micro),
+                model=[ref] if on_reference else self.model,
                 num_microbatches=n_mb, forward_only=objective.collect, seq_length=seq,
                 micro_batch_size=mbs, collect_non_loss_data=objective.collect)
         finally:
@@ -389,6 +469,21 @@ class MegatronGPTACFTModel(MegatronGPTModel):
         Args:
             tokens: ``[B, T]`` int64 (what follows a row's end is the caller's to mask).
         """
+        out = self._collect(tokens, LogProbs(guidance), 2, micro_batch_size)
+        return (out[0], out[1]) if return_max else out[0]
+
+    @torch.no_grad()
+    def distribution_stats(self, tokens: torch.Tensor, on_reference: bool = False,
+                           micro_batch_size: Optional[int] = None) -> torch.Tensor:
+        """``[3, B, T-1]`` fp32 on the CPU: ``H(p)``, ``H(q)`` and ``log Z`` after every prefix
+        ``tokens[:, :i+1]``, by this model or by the reference (:meth:`set_reference`): the
+        collapse diagnostics."""
+        return self._collect(tokens, DistributionStats(), 3, micro_batch_size, on_reference)
+
+    def _collect(self, tokens, objective: Objective, k: int, micro_batch_size=None,
+                 on_reference: bool = False) -> torch.Tensor:
+        """A collecting objective's ``k`` values per position of ``tokens`` ``[B, T]``, as
+        ``[k, B, T-1]`` on the CPU, on every rank."""
         tokens = torch.as_tensor(tokens, dtype=torch.long)
         rows, width = tokens.shape
         dp_rank, dp = _dp()
@@ -403,8 +498,8 @@ class MegatronGPTACFTModel(MegatronGPTModel):
         padded = torch.full((per_rank * dp, seq + 1), self.pad_id, dtype=torch.long)
         padded[:rows, :width] = tokens
         batch = {"inputs": padded[:, :-1], "targets": padded[:, 1:].contiguous()}
-        data = self._fwd_bwd(batch, LogProbs(guidance), mbs)
-        out = torch.zeros(2, per_rank, seq, device=self.device)
+        data = self._fwd_bwd(batch, objective, mbs, on_reference)
+        out = torch.zeros(k, per_rank, seq, device=self.device)
         if parallel_state.is_pipeline_last_stage():
             out = torch.cat(list(data), dim=1).to(self.device)
         import torch.distributed as dist
@@ -416,8 +511,7 @@ class MegatronGPTACFTModel(MegatronGPTModel):
             parts = [torch.empty_like(out) for _ in range(dp)]
             dist.all_gather(parts, out.contiguous(), group=parallel_state.get_data_parallel_group())
             out = torch.cat(parts, dim=1)
-        out = out[:, :rows, :width - 1].cpu()
-        return (out[0], out[1]) if return_max else out[0]
+        return out[:, :rows, :width - 1].cpu()
 
     # --- θ and φ ----------------------------------------------------------------------------
 

@@ -64,6 +64,18 @@ class TokenLosses(NamedTuple):
     log_z: Optional[Tensor]  # NADO estimate of log R(prefix) (no gradient), for the gate
 
 
+class ReferenceHidden(NamedTuple):
+    """What a *reference* model (``model.acft.reference: frozen | base``) hands the LM step:
+    its final hidden states and its head's, each ``[s, b, h]`` (no gradient), and the two output
+    weights ``[V/TP, h]``. The step projects them chunk by chunk inside the fused loss, so the
+    reference's ``[tokens, V/TP]`` logits never exist at once."""
+
+    lm: Tensor
+    nado: Tensor
+    lm_weight: Tensor
+    nado_weight: Tensor
+
+
 class NADOHead(MegatronModule):
     """Optional transformer layers + a zero-initialised vocab-parallel output layer.
 
@@ -152,8 +164,10 @@ class GPTNADOModel(GPTModel):
 
     ``forward(input_ids, position_ids, attention_mask)`` on the last stage returns
     ``(lm_logits, nado_logits)``, each ``[b, s, V/TP]`` (vocab-parallel; ``nado_logits`` is None
-    while ``head_enabled`` is False); with ``labels`` it returns :class:`TokenLosses`. Other
-    stages return hidden states, like GPTModel. The model is built by
+    while ``head_enabled`` is False); with ``labels`` it returns :class:`TokenLosses`, whose KL
+    takes q from ``reference=`` (a :class:`ReferenceHidden`) when given; with
+    ``return_hidden=True`` it returns its own :class:`ReferenceHidden` (the model as a
+    reference). Other stages return hidden states, like GPTModel. The model is built by
     :class:`~nemo_acft.models.acft_model.MegatronGPTACFTModel` (NeMo's builder).
 
     The head's parameters live under ``nado_head.`` in the state dict.
@@ -173,6 +187,24 @@ class GPTNADOModel(GPTModel):
         if self.post_process:
             self.nado_head = NADOHead(config, nado, transformer_layer_spec, vocab_size,
                                       first_layer_number=config.num_layers + 1)
+        self._reference: Optional[ReferenceHidden] = None
+        self._return_hidden = False
+
+    def forward(self, *args, reference: Optional[ReferenceHidden] = None,
+                return_hidden: bool = False, **kwargs):
+        """GPTModel's forward; ``reference`` and ``return_hidden`` as in the class docstring
+        (they only matter on the last pipeline stage)."""
+        self._reference, self._return_hidden = reference, return_hidden
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._reference, self._return_hidden = None, False
+
+    def output_weight(self) -> Tensor:
+        """The LM output layer's weight ``[V/TP, h]`` (the embedding when they are tied)."""
+        if self.share_embeddings_and_output_weights:
+            return self.shared_embedding_or_output_weight()
+        return self.output_layer.weight
 
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, rotary_pos_emb,
                      rotary_pos_cos, rotary_pos_sin, mtp_in_postprocess=None, loss_mask=None,
@@ -186,6 +218,17 @@ class GPTNADOModel(GPTModel):
             and inference_context.materialize_only_last_token_logits
         )
         chunk = self.nado_config.loss_chunk_tokens
+        if self._return_hidden or self._reference is not None:
+            if self.config.sequence_parallel:
+                raise ValueError("model.acft.reference=frozen|base needs "
+                                 "model.sequence_parallel=False")
+        if self._return_hidden:  # this model is the reference of an LM step
+            nado_hidden = self.nado_head(hidden_states.detach(), attention_mask, rotary_pos_emb,
+                                         inference_context, return_hidden=True)
+            return ReferenceHidden(hidden_states, nado_hidden, self.output_weight(),
+                                   self.nado_head.output_layer.weight)
+        if self._reference is not None and labels is not None:
+            return self._reference_losses(hidden_states, labels, runtime_gather_output, chunk)
         # the training loss projects the head's hidden states chunk by chunk inside the fused
         # pass: the [tokens, V/TP] NADO logits are never materialised
         project_in_loss = (labels is not None and chunk > 0
@@ -221,6 +264,28 @@ class GPTNADOModel(GPTModel):
         else:
             kl, log_z = closed_form_kl(lm_logits, nado_logits, tp_group(), return_log_z=True)
             lm_loss = cross_entropy(lm_logits, labels.transpose(0, 1), tp_group())
+        return TokenLosses(lm_loss.transpose(0, 1), kl.transpose(0, 1), log_z.transpose(0, 1))
+
+    def _reference_losses(self, hidden_states, labels, runtime_gather_output, chunk):
+        """LM loss and KL(q_ref ‖ p), q_ref from ``self._reference`` (the head's φ on the
+        reference's hidden states); ``log_z`` is the reference's Z, read by the gates."""
+        ref = self._reference
+        output_weight = (self.shared_embedding_or_output_weight()
+                         if self.share_embeddings_and_output_weights else None)
+        lm_logits, _ = self.output_layer(hidden_states, weight=output_weight,
+                                         runtime_gather_output=runtime_gather_output)
+        y = labels.transpose(0, 1)
+        if chunk > 0:
+            lm_loss, kl, log_z = fused_ce_kl_from_hidden(
+                lm_logits, ref.nado, ref.nado_weight, y, tp_group(), chunk,
+                ref_hidden=ref.lm, ref_weight=ref.lm_weight)
+        else:
+            with torch.no_grad():
+                ref_logits = ref.lm.float() @ ref.lm_weight.float().t()
+                nado_logits = ref.nado.float() @ ref.nado_weight.float().t()
+            kl, log_z = closed_form_kl(lm_logits, nado_logits, tp_group(), return_log_z=True,
+                                       ref_lm_logits=ref_logits)
+            lm_loss = cross_entropy(lm_logits, y, tp_group())
         return TokenLosses(lm_loss.transpose(0, 1), kl.transpose(0, 1), log_z.transpose(0, 1))
 
     # --- checkpoints: trunk and head separately -------------------------------------------

@@ -17,26 +17,31 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from nemo_acft.models.gpt_nado import TokenLosses
-from nemo_acft.nado import kl_penalty, nado_loss, token_log_probs
+from nemo_acft.nado import distribution_stats, kl_penalty, nado_loss, token_log_probs
 
 
 @dataclass
 class Regularizer:
     """``Σ_d λ_d · mean_{i∈d} gate_i · KL_i`` (:func:`~nemo_acft.nado.kl_penalty`): one λ per
-    domain id of the batch (``lambdas[d]``), the feasibility gate δ and the ``min_z`` gate."""
+    domain id of the batch (``lambdas[d]``), the feasibility gate δ and the ``min_z`` gate.
+    ``reference``: q from the model's reference (``set_reference``: a frozen θ and the head on
+    its hidden states) instead of from the model being trained."""
 
     lambdas: torch.Tensor
     delta: Optional[float] = None
     min_z: float = 0.0
+    reference: bool = False
 
 
 class Objective:
     """The interface (see the module docstring); subclasses are dataclasses."""
 
-    #: the forward runs the NADO head / gets the labels (per-token losses) / only collects
+    #: the forward runs the NADO head / gets the labels (per-token losses) / only collects /
+    #: needs the reference's hidden states
     uses_head = True
     with_labels = False
     collect = False
+    uses_reference = False
 
     def denominators(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Token (or sample) counts of the whole global batch."""
@@ -56,14 +61,23 @@ class Objective:
 
 @dataclass
 class LMLoss(Objective):
-    """The LM loss (the trunk trains), plus the regularizer with the head's φ when given."""
+    """The LM loss (the trunk trains), plus the regularizer with the head's φ when given.
+
+    ``lm_weight`` scales the LM loss (0: the regularizer alone, e.g. on the oracle block's
+    samples, ``model.acft.kl_on``); ``prefix`` names the metrics of a second term of a step."""
 
     regularizer: Optional[Regularizer] = None
+    lm_weight: float = 1.0
+    prefix: str = ""
     with_labels = True
 
     @property
     def uses_head(self) -> bool:  # noqa: D102
-        return self.regularizer is not None
+        return self.regularizer is not None and not self.regularizer.reference
+
+    @property
+    def uses_reference(self) -> bool:  # noqa: D102
+        return self.regularizer is not None and self.regularizer.reference
 
     def denominators(self, batch):  # noqa: D102
         out = super().denominators(batch)
@@ -75,9 +89,10 @@ class LMLoss(Objective):
 
     def names(self):  # noqa: D102
         if self.regularizer is None:
-            return ["lm_loss"]
-        return (["lm_loss", "penalty", "kl", "gated_share", "mean_z"]
-                + [f"kl_by_domain.{i}" for i in range(self.regularizer.lambdas.numel())])
+            return [self.prefix + "lm_loss"]
+        return [self.prefix + n for n in (
+            ["lm_loss", "penalty", "kl", "gated_share", "mean_z"]
+            + [f"kl_by_domain.{i}" for i in range(self.regularizer.lambdas.numel())])]
 
     def loss(self, mb, output, denom, scale, tp, vocab_size):  # noqa: D102
         assert isinstance(output, TokenLosses), type(output)
@@ -85,22 +100,23 @@ class LMLoss(Objective):
         lm = (output.lm_loss.float() * mask).sum() / denom["tokens"].to(mask.device).clamp_min(1)
         r = self.regularizer
         if r is None:
-            return lm * scale, {"sums": lm.detach().view(1)}
+            return self.lm_weight * lm * scale, {"sums": lm.detach().view(1)}
         penalty, parts = kl_penalty(output.kl, output.log_z, mask, mb["domain_ids"].long(),
                                     r.lambdas.to(mask.device), r.delta, r.min_z,
                                     domain_tokens=denom["domain_tokens"].to(mask.device))
         sums = torch.cat([torch.stack([lm.detach(), penalty.detach(), parts["kl"],
                                        parts["gated_share"], parts["mean_z"]]).float(),
                           parts["kl_by_domain"].float()])
-        return (lm + penalty) * scale, {"sums": sums}
+        return (self.lm_weight * lm + penalty) * scale, {"sums": sums}
 
     def finish(self, metrics):  # noqa: D102
+        x = self.prefix
         if self.regularizer is None:
-            return {**metrics, "loss": metrics["lm_loss"]}
+            return {**metrics, x + "loss": self.lm_weight * metrics[x + "lm_loss"]}
         d = self.regularizer.lambdas.numel()
-        by_domain = [metrics.pop(f"kl_by_domain.{i}") for i in range(d)]
-        return {**metrics, "kl_by_domain": by_domain,
-                "loss": metrics["lm_loss"] + metrics["penalty"]}
+        by_domain = [metrics.pop(f"{x}kl_by_domain.{i}") for i in range(d)]
+        return {**metrics, x + "kl_by_domain": by_domain,
+                x + "loss": self.lm_weight * metrics[x + "lm_loss"] + metrics[x + "penalty"]}
 
 
 @dataclass
@@ -173,4 +189,19 @@ class LogProbs(Objective):
         return torch.stack([lp.float(), top.float()])
 
 
-__all__ = ["Objective", "Regularizer", "LMLoss", "NadoLoss", "Reinforce", "LogProbs"]
+@dataclass
+class DistributionStats(Objective):
+    """Forward only, with the head: ``H(p)``, ``H(q)`` and ``log Z`` of every position
+    (:func:`~nemo_acft.nado.distribution_stats`); collected, not reduced."""
+
+    collect = True
+
+    def denominators(self, batch):  # noqa: D102
+        return {}
+
+    def loss(self, mb, output, denom, scale, tp, vocab_size):  # noqa: D102
+        z, s = output
+        return torch.stack([x.float() for x in distribution_stats(z, s, tp, vocab_size)])
+
+
+__all__ = ["Objective", "Regularizer", "LMLoss", "NadoLoss", "Reinforce", "LogProbs", "DistributionStats"]

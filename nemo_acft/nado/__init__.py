@@ -5,8 +5,8 @@ Public API: :func:`guided_log_probs`, :func:`token_log_probs`, :func:`closed_for
 (:mod:`.fused`), and the vocab-parallel reductions they are built from.
 """
 
-from nemo_acft.nado.losses import (closed_form_kl, cross_entropy, guided_log_probs, kl_penalty,
-                                   nado_loss, token_log_probs)
+from nemo_acft.nado.losses import (closed_form_kl, cross_entropy, distribution_stats,
+                                   guided_log_probs, kl_penalty, nado_loss, token_log_probs)
 from nemo_acft.nado.vocab_parallel import (
     all_reduce_sum,
     mask_padded_vocab,
@@ -21,6 +21,7 @@ from nemo_acft.nado.vocab_parallel import (
 __all__ = [
     "closed_form_kl",
     "cross_entropy",
+    "distribution_stats",
     "guided_log_probs",
     "kl_penalty",
     "nado_loss",

@@ -9,7 +9,9 @@ per-token statistics for the backward. The backward recomputes p and q chunk by 
 
     ∂/∂z = g_ce · (p − onehot(y)) + g_kl · (p − q)
 
-straight into one ``[tokens, V/TP]`` gradient, the buffer plain SFT also has. Beyond that, the
+straight into one ``[tokens, V/TP]`` gradient, the buffer plain SFT also has. With a reference
+(``model.acft.reference: frozen | base``) q is ``softmax(z_ref + logσ(s))`` from the reference's
+logits instead, projected chunk by chunk from its hidden states like ``s``. Beyond that, the
 work buffers are ``[chunk, V/TP]`` fp32: two held through a chunk and a third for moments (an
 fp32 copy of a bf16/fp16 chunk, an ``exp`` before its sum). No gradient flows into the NADO logits (q is a stop-gradient target,
 as in ``closed_form_kl``), and the backward needs no communication: p and q use the replicated
@@ -28,7 +30,7 @@ the same collectives as megatron's vocab-parallel CE: a MAX and a SUM all-reduce
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -61,12 +63,15 @@ class _FusedCEKL(torch.autograd.Function):
     log-normalisers ``c_p = log Σ exp(a')``, ``c_q = log Σ exp(a' + logσ(s)')`` and the shift."""
 
     @staticmethod
-    def forward(ctx, z, s, targets, tp_group, chunk, s_hidden=None, s_weight=None):  # noqa: D102
+    def forward(ctx, z, s, targets, tp_group, chunk, s_hidden=None, s_weight=None,
+                ref=None, ref_hidden=None, ref_weight=None):  # noqa: D102
         n, v_local = z.shape
         s_chunk = _s_chunks(s, s_hidden, s_weight)
+        ref_chunk = None if ref is None and ref_hidden is None else _s_chunks(ref, ref_hidden,
+                                                                              ref_weight)
         acc = _acc_dtype(z.dtype)
         ce = torch.empty(n, dtype=acc, device=z.device)
-        kl, log_z, m_all, c_p, c_q, shift = (torch.empty_like(ce) for _ in range(6))
+        kl, log_z, m_all, c_p, c_q, shift, m_ref = (torch.empty_like(ce) for _ in range(7))
         start = tp_rank(tp_group) * v_local
         for i in range(0, n, chunk):
             j = min(i + chunk, n)
@@ -84,6 +89,12 @@ class _FusedCEKL(torch.autograd.Function):
             picked = a.gather(-1, local.clamp(0, v_local - 1).unsqueeze(-1)).squeeze(-1)
             a_y = _all_reduce_sum_(torch.where(in_shard, picked, torch.zeros_like(picked)),
                                    tp_group)
+            ce[i:j] = c_p_c - a_y
+            m_all[i:j], c_p[i:j], shift[i:j] = m.squeeze(-1), c_p_c, m_r.squeeze(-1)
+            if ref_chunk is not None:
+                _ref_kl_chunk(a, c_p_c, log_r, m_r, ref_chunk(i, j).to(acc), tp_group,
+                              kl[i:j], log_z[i:j], c_q[i:j], m_ref[i:j])
+                continue
             # q = softmax(a' + logσ(s)'), built in a's buffer
             a.add_(log_r)
             m_q = _row_max(a, tp_group)
@@ -94,19 +105,21 @@ class _FusedCEKL(torch.autograd.Function):
             # Σ q logσ(s)' with 0 · (−inf) = 0 where the head rules a token out entirely
             log_r.mul_(a).nan_to_num_(nan=0.0, neginf=0.0)
             q_log_r = _all_reduce_sum_(log_r.sum(dim=-1), tp_group)
-            ce[i:j] = c_p_c - a_y
             kl[i:j] = (q_log_r - (c_q_c - c_p_c)).clamp_min(0.0)
             log_z[i:j] = c_q_c - c_p_c + m_r.squeeze(-1)
-            m_all[i:j], c_p[i:j], c_q[i:j], shift[i:j] = m.squeeze(-1), c_p_c, c_q_c, m_r.squeeze(-1)
-        ctx.save_for_backward(z, s, targets, m_all, c_p, c_q, shift, s_hidden, s_weight)
-        ctx.tp_group, ctx.chunk = tp_group, chunk
+            c_q[i:j] = c_q_c
+        ctx.save_for_backward(z, s, targets, m_all, c_p, c_q, shift, s_hidden, s_weight,
+                              ref, ref_hidden, ref_weight, m_ref)
+        ctx.tp_group, ctx.chunk, ctx.has_ref = tp_group, chunk, ref_chunk is not None
         ctx.mark_non_differentiable(log_z)
         return ce, kl, log_z
 
     @staticmethod
     def backward(ctx, g_ce, g_kl, _g_log_z):  # noqa: D102
-        z, s, targets, m_all, c_p, c_q, shift, s_hidden, s_weight = ctx.saved_tensors
+        (z, s, targets, m_all, c_p, c_q, shift, s_hidden, s_weight, ref, ref_hidden, ref_weight,
+         m_ref) = ctx.saved_tensors
         s_chunk = _s_chunks(s, s_hidden, s_weight)
+        ref_chunk = _s_chunks(ref, ref_hidden, ref_weight) if ctx.has_ref else None
         n, v_local = z.shape
         acc = _acc_dtype(z.dtype)
         start = tp_rank(ctx.tp_group) * v_local
@@ -119,7 +132,11 @@ class _FusedCEKL(torch.autograd.Function):
             gc, gk = g_ce[i:j].unsqueeze(-1), g_kl[i:j].unsqueeze(-1)
             a = z[i:j].to(acc) - m_all[i:j].unsqueeze(-1)  # a'
             q = F.logsigmoid(s_chunk(i, j).to(acc)).sub_(shift[i:j].unsqueeze(-1))  # exact, then O(1)
-            q.add_(a).sub_(c_q[i:j].unsqueeze(-1)).exp_().mul_(gk)
+            if ref_chunk is None:  # q from the model being trained
+                q.add_(a)
+            else:  # q from the reference: its logits relative to their row max
+                q.add_(ref_chunk(i, j).to(acc)).sub_(m_ref[i:j].unsqueeze(-1))
+            q.sub_(c_q[i:j].unsqueeze(-1)).exp_().mul_(gk)
             p = a.sub_(c_p[i:j].unsqueeze(-1)).exp_().mul_(gc + gk)
             p.sub_(q)
             local = targets[i:j] - start
@@ -127,7 +144,31 @@ class _FusedCEKL(torch.autograd.Function):
             r = rows[: j - i][in_shard]
             p[r, local[in_shard]] -= g_ce[i:j][in_shard]
             grad[i:j] = p
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
+
+
+def _ref_kl_chunk(a, c_p, log_r, m_r, b, tp_group, kl, log_z, c_q, m_ref):
+    """KL(q_ref ‖ p) of one chunk, q_ref = softmax(b + logσ(s)) from the reference's logits
+    ``b`` (never written: it may be the saved input), written into the output slices. ``a`` = z − m and ``c_p`` its
+    log-normaliser (log p = a − c_p); ``log_r`` the shifted logσ(s), ``m_r`` its shift.
+
+    Saved for the backward: ``m_ref`` (b's row max) and ``c_q`` (the log-normaliser of
+    ``b − m_ref + log_r``). ``log_z = log Σ p_ref σ(s)``, the reference's Z."""
+    mb = _row_max(b, tp_group)
+    b = b - mb  # b' (a new buffer)
+    c_pref = _all_reduce_sum_(torch.exp(b).sum(dim=-1), tp_group).log()
+    b.add_(log_r)
+    m_q = _row_max(b, tp_group)
+    sum_q = _all_reduce_sum_(torch.exp(b - m_q).sum(dim=-1), tp_group)
+    c = m_q.squeeze(-1) + sum_q.log()
+    b.sub_(c.unsqueeze(-1))  # log q_ref
+    # Σ q (log q − log p), term by term (exact where q ≈ p); 0 · (−inf) = 0 where q = 0
+    d = b - (a - c_p.unsqueeze(-1))
+    d.mul_(b.exp()).nan_to_num_(nan=0.0, neginf=0.0)
+    kl.copy_(_all_reduce_sum_(d.sum(dim=-1), tp_group).clamp_min(0.0))
+    log_z.copy_(c - c_pref + m_r.squeeze(-1))
+    c_q.copy_(c)
+    m_ref.copy_(mb.squeeze(-1))
 
 
 def _s_chunks(s, s_hidden, s_weight):
@@ -148,6 +189,7 @@ def fused_ce_kl(
     targets: torch.Tensor,
     tp_group: ProcessGroup = None,
     chunk_tokens: int = 2048,
+    ref_lm_logits: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token ``(ce, kl, log_z)``: the values of ``cross_entropy(z, y)`` and
     ``closed_form_kl(z, s, return_log_z=True)`` in one chunked pass, with the hand-written backward
@@ -159,6 +201,9 @@ def fused_ce_kl(
         targets: ``[...]`` int64 ids of the full vocabulary.
         tp_group: tensor-parallel group; None = vocabulary not split.
         chunk_tokens: tokens per chunk: the work buffers are ``[chunk_tokens, V_local]`` fp32.
+        ref_lm_logits: ``[..., V_local]`` a reference's LM logits: q ∝ p_ref·σ(s) instead of
+            p·σ(s) (``closed_form_kl``'s ``ref_lm_logits``; ``s`` is then the head on the
+            reference's hidden states). No gradient flows to them.
     Returns:
         ``ce``, ``kl`` (differentiable w.r.t. z) and ``log_z`` (no grad), each ``[...]`` in fp32
         (fp64 for fp64 logits), replicated over ``tp_group``.
@@ -167,7 +212,14 @@ def fused_ce_kl(
         raise ValueError(f"lm_logits {tuple(lm_logits.shape)} and nado_logits "
                          f"{tuple(nado_logits.shape)} must have the same shape")
     v = lm_logits.shape[-1]
-    return _apply(lm_logits, targets, tp_group, chunk_tokens, nado_logits.reshape(-1, v))
+    ref = None
+    if ref_lm_logits is not None:
+        if ref_lm_logits.shape != lm_logits.shape:
+            raise ValueError(f"ref_lm_logits {tuple(ref_lm_logits.shape)} must have the shape of "
+                             f"lm_logits {tuple(lm_logits.shape)}")
+        ref = ref_lm_logits.detach().reshape(-1, v)
+    return _apply(lm_logits, targets, tp_group, chunk_tokens, nado_logits.reshape(-1, v),
+                  ref=ref)
 
 
 def fused_ce_kl_from_hidden(
@@ -177,6 +229,8 @@ def fused_ce_kl_from_hidden(
     targets: torch.Tensor,
     tp_group: ProcessGroup = None,
     chunk_tokens: int = 256,
+    ref_hidden: Optional[torch.Tensor] = None,
+    ref_weight: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`fused_ce_kl` with the NADO logits computed chunk by chunk from the head's final
     hidden states and its (vocab-parallel, bias-free) output weight: ``s = nado_hidden @
@@ -186,6 +240,10 @@ def fused_ce_kl_from_hidden(
     Args:
         nado_hidden: ``[..., h]``, replicated over ``tp_group`` (no sequence parallelism).
         nado_weight: ``[V_local, h]``, this rank's rows of the head's output layer.
+        ref_hidden, ref_weight: a reference's final hidden states ``[..., h]`` and its LM output
+            weight ``[V_local, h]``: q ∝ p_ref·σ(s) with ``p_ref = softmax(ref_hidden @
+            ref_weight.T)`` projected chunk by chunk too (``nado_hidden`` is then the head on
+            the reference's hidden states).
     """
     if nado_hidden.shape[:-1] != lm_logits.shape[:-1]:
         raise ValueError(f"nado_hidden {tuple(nado_hidden.shape)} does not match lm_logits "
@@ -194,11 +252,23 @@ def fused_ce_kl_from_hidden(
         raise ValueError(f"nado_weight {tuple(nado_weight.shape)}: expected "
                          f"{(lm_logits.shape[-1], nado_hidden.shape[-1])}")
     h = nado_hidden.shape[-1]
+    if (ref_hidden is None) != (ref_weight is None):
+        raise ValueError("ref_hidden and ref_weight go together")
+    if ref_hidden is not None:
+        if ref_hidden.shape[:-1] != lm_logits.shape[:-1] or ref_weight.shape != (
+                lm_logits.shape[-1], ref_hidden.shape[-1]):
+            raise ValueError(f"ref_hidden {tuple(ref_hidden.shape)} / ref_weight "
+                             f"{tuple(ref_weight.shape)} do not match lm_logits "
+                             f"{tuple(lm_logits.shape)}")
+        ref_hidden = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1])
+        ref_weight = ref_weight.detach()
     return _apply(lm_logits, targets, tp_group, chunk_tokens, None,
-                  nado_hidden.detach().reshape(-1, h), nado_weight.detach())
+                  nado_hidden.detach().reshape(-1, h), nado_weight.detach(),
+                  ref_hidden=ref_hidden, ref_weight=ref_weight)
 
 
-def _apply(lm_logits, targets, tp_group, chunk_tokens, s=None, s_hidden=None, s_weight=None):
+def _apply(lm_logits, targets, tp_group, chunk_tokens, s=None, s_hidden=None, s_weight=None,
+           ref=None, ref_hidden=None, ref_weight=None):
     """The checks both entry points share, then :class:`_FusedCEKL` on ``[tokens, V_local]``
     rows; results back in ``targets``' shape."""
     if targets.shape != lm_logits.shape[:-1]:
@@ -208,5 +278,5 @@ def _apply(lm_logits, targets, tp_group, chunk_tokens, s=None, s_hidden=None, s_
     lead = targets.shape
     ce, kl, log_z = _FusedCEKL.apply(lm_logits.reshape(-1, lm_logits.shape[-1]), s,
                                      targets.reshape(-1), tp_group, int(chunk_tokens),
-                                     s_hidden, s_weight)
+                                     s_hidden, s_weight, ref, ref_hidden, ref_weight)
     return ce.view(lead), kl.view(lead), log_z.view(lead)

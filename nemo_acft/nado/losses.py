@@ -107,6 +107,29 @@ def token_log_probs(lm_logits: torch.Tensor, targets: torch.Tensor,
     return picked
 
 
+@torch.no_grad()
+def distribution_stats(lm_logits: torch.Tensor, nado_logits: torch.Tensor,
+                       tp_group: ProcessGroup = None, vocab_size: Optional[int] = None
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The collapse diagnostics of a position: entropies ``H(p)``, ``H(q)`` (``q ∝ p·σ(s)``) and
+    ``log Z = log Σ_v p(v) σ(s[v])``, each ``[...]`` in the accumulation dtype, replicated.
+    Padded ids (``>= vocab_size``) have probability 0."""
+    z = _acc(lm_logits)
+    guided = _guided_logits(lm_logits, nado_logits, tp_group, 1.0)
+    if vocab_size is not None:
+        z = mask_padded_vocab(z, vocab_size, tp_group)
+        guided = mask_padded_vocab(guided, vocab_size, tp_group)
+
+    def entropy(x):
+        log_p = vocab_log_softmax(x, tp_group)
+        p = log_p.exp()
+        return -vocab_sum(torch.where(p > 0, p * log_p, torch.zeros_like(p)), tp_group)
+
+    log_z = vocab_logsumexp(vocab_log_softmax(z, tp_group) + F.logsigmoid(_acc(nado_logits)),
+                            tp_group)
+    return entropy(z), entropy(guided), log_z
+
+
 class _ClosedFormKL(torch.autograd.Function):
     """KL(q || p) per position with q held constant; backward ``g · (p − q)``, local to the shard."""
 
@@ -153,23 +176,46 @@ def closed_form_kl(
     nado_logits: torch.Tensor,
     tp_group: ProcessGroup = None,
     return_log_z: bool = False,
+    ref_lm_logits: Optional[torch.Tensor] = None,
 ):
-    """Exact ``KL(q_i || p_i) = Σ_v q_i(v) logσ(s_i[v]) − log Z_i`` at every position.
+    """Exact ``KL(q_i || p_i)`` at every position, q a stop-gradient target.
 
-    q is a stop-gradient target: the gradient w.r.t. the LM logits is exactly ``p − q`` (per unit
-    upstream gradient) and no gradient flows into the NADO logits. No full-vocabulary gather; the
-    backward is local to each vocabulary shard.
+    Without ``ref_lm_logits`` q is built from the model being trained, ``q ∝ p·σ(s)``, and
+    ``KL = Σ_v q_i(v) logσ(s_i[v]) − log Z_i``. With them q is built from a *reference*
+    (``model.acft.reference``: a frozen θ_(k−1) or θ_0 with the head on its hidden states),
+    ``q_ref ∝ p_ref·σ(s)`` with ``p_ref = softmax(ref_lm_logits)`` and ``s`` the head's logits on
+    the reference's hidden states; KL(q_ref ‖ p) is minimised at ``p = q_ref``.
+
+    Either way the gradient w.r.t. the LM logits is exactly ``p − q`` (per unit upstream
+    gradient) and no gradient flows into the NADO or the reference logits. No full-vocabulary
+    gather; the backward is local to each vocabulary shard.
 
     Args:
         lm_logits: ``[..., V_local]``, vocab-parallel LM logits ``z`` (any float dtype).
         nado_logits: ``[..., V_local]``, vocab-parallel NADO logits ``s``.
         tp_group: tensor-parallel group; None = vocabulary not split.
-        return_log_z: also return ``log Z_i`` (the NADO estimate of ``log R(x_<=i)``, no grad),
-            used by the feasibility gate.
+        return_log_z: also return ``log Z_i`` (the NADO estimate of ``log R(x_<=i)`` under the
+            distribution q is built from, no grad), used by the gates.
+        ref_lm_logits: ``[..., V_local]`` the reference's LM logits; None = ``lm_logits``.
     Returns:
         ``kl``: ``[...]`` (fp32 or fp64), replicated over ``tp_group``; and ``log_z`` ``[...]`` if asked.
     """
-    kl, log_z = _ClosedFormKL.apply(lm_logits, nado_logits, tp_group)
+    if ref_lm_logits is None:
+        kl, log_z = _ClosedFormKL.apply(lm_logits, nado_logits, tp_group)
+    else:
+        if ref_lm_logits.shape != lm_logits.shape:
+            raise ValueError(f"ref_lm_logits {tuple(ref_lm_logits.shape)} must have the shape of "
+                             f"lm_logits {tuple(lm_logits.shape)}")
+        with torch.no_grad():
+            log_r = _shifted_log_sigmoid(nado_logits, tp_group)[0]
+            log_p_ref = vocab_log_softmax(_acc(ref_lm_logits), tp_group)
+            log_q = vocab_log_softmax(log_p_ref + log_r, tp_group)
+            log_z = vocab_logsumexp(log_p_ref + F.logsigmoid(_acc(nado_logits)), tp_group)
+            q = log_q.exp()
+        # Σ q (log q − log p) under autograd: d/dz = p·Σq − q = p − q (q detached)
+        log_p = vocab_log_softmax(_acc(lm_logits), tp_group)
+        terms = torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q))
+        kl = vocab_sum(terms, tp_group).clamp_min(0.0)
     return (kl, log_z) if return_log_z else kl
 
 
