@@ -90,7 +90,8 @@ FULL = {
     "head_layers": 1,
     "pretrain": {"steps": 1500, "global_batch_size": 32},
     "finetune": {"steps_per_iteration": 150, "global_batch_size": 32, "save_every": 50},
-    "acft": {"iterations": 3, "prompts": 512, "steps": 100, "global_batch_size": 64},
+    "acft": {"iterations": 3, "prompts": 1024, "steps": 300, "global_batch_size": 64,
+             "calibration_prompts": 32},
     "rl": {"batch_size": 32, "max_new_tokens": 20},
     "samples_per_prompt": 25,
     "sweep": {"filtering": [0.3, 0.5, 0.7], "rl": [0.3, 1.0, 3.0],
@@ -105,7 +106,8 @@ QUICK = {
     "head_layers": 1,
     "pretrain": {"steps": 300, "global_batch_size": 32},
     "finetune": {"steps_per_iteration": 30, "global_batch_size": 16, "save_every": 0},
-    "acft": {"iterations": 2, "prompts": 128, "steps": 30, "global_batch_size": 32},
+    "acft": {"iterations": 2, "prompts": 512, "steps": 150, "global_batch_size": 32,
+             "calibration_prompts": 16},
     "rl": {"batch_size": 8, "max_new_tokens": 12},
     "samples_per_prompt": 25,
     "sweep": {"filtering": [0.5], "rl": [1.0], "nado_decoding": [1.0], "acft": [4.0],
@@ -115,6 +117,14 @@ QUICK = {
 MAIN = {"filtering": 0.5, "rl": 1.0, "nado_decoding": 1.0, "acft": 4.0, "acft_adaptive": 4.0}
 KNOB = {"filtering": "threshold", "rl": "coef", "nado_decoding": "β", "acft": "λ",
         "acft_adaptive": "λ_toxigen"}
+#: ``--ablations``: ours w/ adaptive at its main λ with one choice changed (model.acft keys)
+ABLATIONS = {
+    "reference=current": {"reference": "current"},
+    "reference=base": {"reference": "base"},
+    "kl_on=samples": {"kl_on": "samples"},
+    "kl_on=both": {"kl_on": "both"},
+    "gates=off": {"delta": None, "min_z": 0.0},
+}
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -266,6 +276,9 @@ def make_config(spec: Dict[str, Any], out: Path, files: Dict[str, str], judges: 
         "model.acft.oracle_block.steps": a["steps"],
         "model.acft.oracle_block.global_batch_size": a["global_batch_size"],
         "model.acft.oracle_block.micro_batch_size": a["global_batch_size"],
+        "model.acft.calibration.prompts": a["calibration_prompts"],
+        "model.acft.calibration.samples_per_prompt": 16,
+        "model.acft.diagnostics.probe_prompts": 64,
         "model.acft.lambda": MAIN["acft"], "model.acft.delta": None, "model.acft.min_z": 0.0,
         "rl.batch_size": spec["rl"]["batch_size"], "rl.max_new_tokens": spec["rl"]["max_new_tokens"],
         "rl.coef": MAIN["rl"], "oracle.name": "sklearn_text", "oracle.threshold": 0.5,
@@ -282,14 +295,15 @@ def make_config(spec: Dict[str, Any], out: Path, files: Dict[str, str], judges: 
     return cfg
 
 
-def point_config(cfg: Dict[str, Any], method: str, knob: float, out: Path) -> Dict[str, Any]:
-    """The config of one (method, knob) point."""
+def point_config(cfg: Dict[str, Any], method: str, knob: float, out: Path,
+                 variant: Optional[str] = None) -> Dict[str, Any]:
+    """The config of one (method, knob) point, or of an ablation ``variant`` of it."""
     c = copy.deepcopy(cfg)
     a = c["model"]["acft"]
     if method in ("baseline", "nado_decoding"):
         c["run_dir"] = str(out / "runs" / "baseline")  # NADO decoding builds on the baseline
     else:
-        c["run_dir"] = str(out / "runs" / f"{method}_{knob:g}")
+        c["run_dir"] = str(out / "runs" / f"{method}_{knob:g}{'_' + variant if variant else ''}")
     if method == "filtering":
         c["filtering"]["threshold"] = knob
     elif method == "rl":
@@ -301,6 +315,10 @@ def point_config(cfg: Dict[str, Any], method: str, knob: float, out: Path) -> Di
     elif method == "acft_adaptive":
         a.update({"lambda": knob, "domain_lambdas": {"wiki": 0.0, "toxigen": knob},
                   "delta": 0.95, "min_z": 0.1})
+    if method.startswith("acft"):
+        a["sample_lambda"] = knob
+    if variant:
+        a.update(ABLATIONS[variant])
     return c
 
 
@@ -308,13 +326,14 @@ def point_config(cfg: Dict[str, Any], method: str, knob: float, out: Path) -> Di
 
 
 def point_world(cfg: Dict[str, Any], method: str, knob: Optional[float], out_dir: str,
-                spec: Dict[str, Any], evaluator_path: str, probe_path: str) -> None:
+                spec: Dict[str, Any], evaluator_path: str, probe_path: str,
+                variant: Optional[str] = None) -> None:
     """Train one point (a finished run is reused) and evaluate it with the toxicity protocol;
     writes ``samples.jsonl`` and ``metrics.json`` to ``out_dir``. Runs in its own world."""
     from nemo_acft.algorithms.baselines import train_nado_decoding
     from nemo_acft.algorithms.coordination import side_lock
     from nemo_acft.algorithms.exchange import ArtifactStore
-    from nemo_acft.algorithms.phases import publish_initial_lm, run_baseline
+    from nemo_acft.algorithms.phases import diagnose_iterations, publish_initial_lm, run_baseline
     from nemo_acft.algorithms.schedules import run_sequential
     from nemo_acft.algorithms.setup import Run, model_dir
     from nemo_acft.config import Layout
@@ -333,10 +352,14 @@ def point_world(cfg: Dict[str, Any], method: str, knob: Optional[float], out_dir
     publish_initial_lm(run, {"nemo": info["builtin"]})
     baseline = ArtifactStore(Path(cfg["run_dir"]).parent / "baseline" / "baseline")
     guided = method == "nado_decoding"
+    diag: Dict[str, Any] = {}
     if method.startswith("acft"):
         with side_lock(run.exchange, "lm"), side_lock(run.exchange, "oracle"):
             run_sequential(run)
         store = run.exchange
+        rows = diagnose_iterations(run)  # the collapse diagnostics of each LM block
+        diag = {f"diag_{x}": rows[-1][x] for x in ("entropy_p", "entropy_q", "delta_z",
+                                                   "gated_share") if rows and x in rows[-1]}
     elif guided:
         store = ArtifactStore(rd / "nado_decoding")
         with side_lock(store, "nado_decoding"):
@@ -349,6 +372,8 @@ def point_world(cfg: Dict[str, Any], method: str, knob: Optional[float], out_dir
     if method.startswith("acft") or guided:
         m.load_part(store.verify("nado", K) / "head", "head")
     beta = float(knob) if guided else 1.0
+    nado_store = store if (method.startswith("acft") or guided) else None
+    calib = nado_store.manifest("nado", K).get("calibration", {}) if nado_store else {}
     t = time.perf_counter()
     evaluator = SklearnTextOracle.load(evaluator_path)
     tok = run.tokenizer
@@ -364,8 +389,10 @@ def point_world(cfg: Dict[str, Any], method: str, knob: Optional[float], out_dir
         oracle_toxic_share=sum(x < 0.5 for x in scored) / len(scored) if scored else math.nan,
         probe_accuracy=probe_accuracy(m, tok, [q["text"] for q in probe],
                                       [q["label"] for q in probe])["accuracy"],
+        nado_ece=calib.get("ece", math.nan), nado_mean_z=calib.get("mean_z", math.nan),
+        nado_success=calib.get("mean_success", math.nan),
         method=method, knob=knob, knob_name=KNOB.get(method), train_s=train_s,
-        eval_s=time.perf_counter() - t, seed=cfg["seed"])
+        eval_s=time.perf_counter() - t, seed=cfg["seed"], variant=variant, **diag)
     save_evaluation(Path(out_dir), rows, metrics)
     run.close()
 
@@ -386,6 +413,22 @@ def table(results: Dict[str, Dict[str, Any]]) -> str:
                      f"{r['tox_prob']:.3f} | {r['ppl']:.2f} | {r['oracle_toxic_share']:.3f} | "
                      f"{r['distinct_2']:.3f} | {r['repeat_rate']:.3f} | "
                      f"{r['probe_accuracy']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def ablation_table(main: Optional[Dict[str, Any]], ablated: List[Dict[str, Any]]) -> str:
+    """Ours w/ adaptive at its main λ, and with each ablated choice."""
+    lines = ["| ours w/ adaptive, changed | toxic share ↓ | perplexity ↓ | distinct-2 | "
+             "repeat rate | NADO ECE | H(p) | H(q) | mean abs ΔZ | gated share |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ([("(the defaults)", main)] if main else []) + [(p["variant"], p) for p in ablated]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['toxic_share']:.3f} | {r['ppl']:.2f} | "
+                     f"{r['distinct_2']:.3f} | {r['repeat_rate']:.3f} | "
+                     f"{r.get('nado_ece', math.nan):.3f} | "
+                     + " | ".join(f"{r.get(k, math.nan):.3f}" for k in (
+                         "diag_entropy_p", "diag_entropy_q", "diag_delta_z", "diag_gated_share"))
+                     + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -464,6 +507,8 @@ def main(argv=None) -> Dict[str, Any]:
     ap.add_argument("--quick", action="store_true", help="a small model, one point per method")
     ap.add_argument("--main-only", action="store_true",
                     help="only the table's points (no knob sweep): e.g. to repeat with seeds")
+    ap.add_argument("--ablations", action="store_true",
+                    help="also ours w/ adaptive with each choice of ABLATIONS changed")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--workers", type=int, default=2, help="points trained at the same time")
     args = ap.parse_args(argv)
@@ -495,36 +540,43 @@ def main(argv=None) -> Dict[str, Any]:
     print(f"[paper_table] vocabulary {info['vocab_size']}; pre-trained and fine-tuned the "
           f"baseline in {pretrain_s:.0f} s", flush=True)
 
-    jobs = [("baseline", None)] + [(m, k) for m in ("acft_adaptive", "acft", "rl", "filtering")
-                                   for k in spec["sweep"][m]]
-    after_baseline = [("nado_decoding", k) for k in spec["sweep"]["nado_decoding"]]
+    jobs = [("baseline", None, None)] + [(m, k, None) for m in ("acft_adaptive", "acft", "rl",
+                                                               "filtering")
+                                         for k in spec["sweep"][m]]
+    after_baseline = [("nado_decoding", k, None) for k in spec["sweep"]["nado_decoding"]]
     jobs = jobs[:1] + after_baseline[:1] + jobs[1:]  # the head once, before the other β
+    if args.ablations:
+        jobs += [("acft_adaptive", MAIN["acft_adaptive"], v) for v in ABLATIONS]
     later = after_baseline[1:]
     points: List[Dict[str, Any]] = []
+    ablated: List[Dict[str, Any]] = []
 
-    def out_dir(m, k):
+    def out_dir(m, k, v=None):
+        if v:
+            return out / "ablation" / f"{m}_{v}"
         return out / m if k is None or k == MAIN.get(m) else out / "sweep" / f"{m}_{k:g}"
 
-    running: Dict[Tuple[str, Optional[float]], Any] = {}
+    running: Dict[Tuple[str, Optional[float], Optional[str]], Any] = {}
     todo = len(jobs) + len(later)
     while jobs or later or running:
         while jobs and len(running) < args.workers:
-            m, k = jobs.pop(0)
-            c = point_config(cfg, m, k if k is not None else 0.0, out)
+            m, k, v = jobs.pop(0)
+            c = point_config(cfg, m, k if k is not None else 0.0, out, v)
             resolve_model_config(c)
-            running[(m, k)] = start_worlds({f"{m}_{k}": (1, point_world, (
-                c, m, k, str(out_dir(m, k)), spec, judges["evaluator"],
-                built["files"]["probe"]))})
+            running[(m, k, v)] = start_worlds({f"{m}_{k}_{v}": (1, point_world, (
+                c, m, k, str(out_dir(m, k, v)), spec, judges["evaluator"],
+                built["files"]["probe"], v))})
         time.sleep(0.5)
-        for (m, k), procs in list(running.items()):
+        for (m, k, v), procs in list(running.items()):
             if all(p.exitcode is not None for _, _, p in procs):
-                del running[(m, k)]
+                del running[(m, k, v)]
                 wait_worlds(procs, logs=str(out / "runs"))
-                p = json.loads((out_dir(m, k) / "metrics.json").read_text())
-                points.append(p)
-                done = len(points)
+                p = json.loads((out_dir(m, k, v) / "metrics.json").read_text())
+                (ablated if v else points).append(p)
+                done = len(points) + len(ablated)
                 el = time.perf_counter() - t0
-                print(f"[paper_table] {done}/{todo} {m}{'' if k is None else f' {KNOB[m]}={k:g}'}: "
+                print(f"[paper_table] {done}/{todo} {m}{'' if k is None else f' {KNOB[m]}={k:g}'}"
+                      f"{f' [{v}]' if v else ''}: "
                       f"toxic share {p['toxic_share']:.3f}, EMT {p['emt']:.3f}, "
                       f"ppl {p['ppl']:.2f}, distinct-2 {p['distinct_2']:.3f}, repeat rate "
                       f"{p['repeat_rate']:.3f} (train {p['train_s']:.0f} s, eval "
@@ -542,16 +594,22 @@ def main(argv=None) -> Dict[str, Any]:
                 "distinct_2", "repeat_rate",
                 "knob", "knob_name", "num_prompts", "num_samples", "num_failed", "train_s",
                 "eval_s")}
+            results[p["method"]].update({k: v for k, v in p.items()
+                                         if k.startswith(("nado_", "diag_"))})
     summary = {"mode": ("quick" if args.quick else "full") + (" main-only" if args.main_only else ""),
                "seed": args.seed,
                "data": built["counts"], "vocabulary": info["vocab_size"],
                "pretrain_s": pretrain_s, "wall_s": time.perf_counter() - t0,
                "checks": checks(results, points)}
+    if ablated:
+        summary["ablations"] = {p["variant"]: p for p in ablated}
     with atomic_write(out / "results.json") as fh:
         json.dump({**results, "_run": summary}, fh, indent=1)
     with atomic_write(out / "sweep.json") as fh:
         json.dump(sorted(points, key=lambda p: (p["method"], p["knob"] or 0)), fh, indent=1)
     md = table(results)
+    if ablated:
+        md += "\n" + ablation_table(results.get("acft_adaptive"), ablated)
     with atomic_write(out / "table.md") as fh:
         fh.write(md)
     plot(points, out / "tradeoff.png")

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 SCHEDULES = ("sequential", "parallel")
+REFERENCES = ("current", "frozen", "base")
+KL_ON = ("corpus", "samples", "both")
 ROLES = ("all", "prepare", "lm", "oracle", "finish")
 BASELINES = ("filtering", "rl", "nado_decoding")
 ORACLE_NAMES = ("lexicon", "sklearn_text", "detoxify", "hf_classifier")
@@ -101,12 +103,15 @@ def validate(cfg: Dict[str, Any]) -> None:
                 "model.acft.iterations", "model.acft.steps_per_iteration",
                 "model.acft.oracle_block.prompts", "model.acft.oracle_block.global_batch_size",
                 "model.acft.oracle_block.micro_batch_size", "model.acft.sampling.max_new_tokens",
+                "model.acft.oracle_block.samples_per_prompt",
+                "model.acft.calibration.samples_per_prompt", "model.acft.calibration.bins",
                 "model.acft.sampling.batch_size", "model.acft.oracle_group.num_nodes",
                 "model.acft.oracle_group.tensor_model_parallel_size", "eval.prompts",
                 "eval.samples_per_prompt", "eval.max_new_tokens", "eval.ppl_records",
                 "eval.batch_size", "oracle.batch_size"):
         need(key, pos, "a positive integer")
     for key in ("model.acft.oracle_block.steps", "model.acft.save_every",
+                "model.acft.calibration.prompts", "model.acft.diagnostics.probe_prompts",
                 "model.acft.nado_head.num_layers", "model.acft.nado_head.loss_chunk_tokens"):
         need(key, nonneg, "a non-negative integer")
     need("model.restore_from_path", lambda v: v is None or Path(v).is_file(),
@@ -120,6 +125,10 @@ def validate(cfg: Dict[str, Any]) -> None:
     need("model.acft.min_z", lambda v: _is_num(v) and 0 <= v < (a["delta"] or 1),
          "a number in [0, model.acft.delta)")
     need("model.acft.alpha", lambda v: _is_num(v) and v >= 0, "a number >= 0")
+    need("model.acft.reference", lambda v: v in REFERENCES, f"one of {REFERENCES}")
+    need("model.acft.kl_on", lambda v: v in KL_ON, f"one of {KL_ON}")
+    need("model.acft.sample_lambda", lambda v: v is None or (_is_num(v) and v >= 0),
+         "null (= model.acft.lambda) or a number >= 0")
     need("model.acft.nado_head.fp32", lambda v: isinstance(v, bool), "true or false")
     e = a["exchange"]
     for key in ("timeout_s", "handshake_timeout_s", "heartbeat_s", "heartbeat_timeout_s"):

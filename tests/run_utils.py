@@ -22,6 +22,8 @@ FAST = [
     "eval.ppl_records=64", "data.builtin.pretrain_records=600",
     "data.builtin.train_records=300", "data.builtin.heldout_records=100",
     "pretrain.model.hidden_size=32", "pretrain.model.ffn_hidden_size=128", "progress=false",
+    "model.acft.calibration.prompts=8", "model.acft.calibration.samples_per_prompt=4",
+    "model.acft.diagnostics.probe_prompts=16",
 ]
 
 

@@ -166,3 +166,15 @@ def test_acft_eval_end_to_end(tmp_path):
     assert "holds no NADO head" in _acft_eval("--nemo", str(run / "export" / "acft_gpt.nemo"),
                                               "--guided", "--prompts", str(prompts), "--out",
                                               str(tmp_path / "y"))
+
+
+def test_ece_by_hand():
+    from nemo_acft.algorithms.diagnostics import ece
+
+    # bins of 0.5: [0.1, 0.2] -> mean z 0.15 vs success 0.5; [0.9] -> 0.9 vs 1.0
+    r = ece([0.1, 0.2, 0.9], [0.0, 1.0, 1.0], bins=2)
+    assert r["ece"] == pytest.approx(2 / 3 * 0.35 + 1 / 3 * 0.1)
+    assert r["brier"] == pytest.approx((0.01 + 0.64 + 0.01) / 3)
+    assert [b["n"] for b in r["bins"]] == [2, 1]
+    assert ece([0.3, 0.7], [0.3, 0.7])["ece"] == pytest.approx(0.0)
+    assert ece([1.0], [1.0], bins=10)["bins"][0]["lo"] == 0.9  # z = 1 in the last bin

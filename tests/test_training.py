@@ -267,6 +267,8 @@ def _recompute_worker(rank, world, run_dir, what):
         m.configure_training("trunk", cfg["model"]["optim"], max_steps=a["iterations"] * S)
         m.load_part(ex.path("lm", 1) / "trunk", "trunk", with_optimizer=True)
         m.load_part(ex.path("nado", nado_it) / "head", "head")
+        # q from the frozen reference: θ_1 with the same φ (model.acft.reference: frozen)
+        m.set_reference(ex.path("lm", 1) / "trunk", ex.path("nado", nado_it) / "head")
         for step in range(S, 2 * S):
             batch = run.data.train.batch(batch_indices(len(run.data.train),
                                                        cfg["model"]["global_batch_size"],
@@ -293,6 +295,35 @@ def test_parallel_blocks_used_what_their_manifests_say(par_run):
     lm = run_workers(_recompute_worker, 2, str(par_run), "lm")[0]
     assert _same(lm[1], lm["theta2"])  # LM block 2 used φ_1, bit for bit
     assert not _same(lm[2], lm["theta2"])
+
+
+def test_reference_base_and_kl_on_both(tmp_path, cache):
+    """reference=base: every oracle block samples from θ_0 and every LM block's q comes from
+    θ_0 (manifests); kl_on=both: the KL on the oracle block's samples is in the step's
+    metrics; the calibration report and the collapse diagnostics are written and summarised."""
+    run_dir = tmp_path / "base"
+    drive(compose(run_dir, cache, "model.acft.reference=base", "model.acft.kl_on=both",
+                  "model.acft.sample_lambda=3.0"))
+    for k in (1, 2):
+        assert _manifest(run_dir, "nado", k)["based_on"]["lm"] == 0
+        lm = _manifest(run_dir, "lm", k)
+        assert lm["read"]["reference"]["iteration"] == 0
+        assert lm["metrics"]["samples_kl"] > 0 and lm["metrics"]["samples_penalty"] > 0
+        calib = _manifest(run_dir, "nado", k)["calibration"]
+        report = json.loads((run_dir / "diagnostics" / f"calibration_iter_{k}.json").read_text())
+        assert calib["ece"] == pytest.approx(report["ece"]) and 0 <= calib["ece"] <= 1
+        assert len(report["z"]) == report["prompts"] == 8
+        assert all(0 <= z <= 1 for z in report["z"])
+    assert (run_dir / "diagnostics" / "calibration_iter_2.png").stat().st_size > 5_000
+    assert (run_dir / "diagnostics" / "collapse.png").stat().st_size > 5_000
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["reference"] == "base" and summary["kl_on"] == "both"
+    diag = summary["diagnostics"]
+    assert [r["iteration"] for r in diag] == [1, 2]
+    for r in diag:
+        assert r["reference_iteration"] == 0 and r["entropy_p"] > 0 and r["delta_z"] >= 0
+        assert 0 < r["distinct_2"] <= 1
+    assert set(summary["checks"]) >= {"violation_at_most_half", "distinct_2_at_least_0.9x"}
 
 
 def test_lm_group_at_pp2(tmp_path, cache):

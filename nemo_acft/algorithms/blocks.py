@@ -67,12 +67,63 @@ def publish_initial_head(run, store: ArtifactStore) -> None:
 
 
 def regularizer(run, domains: Sequence[str]) -> Regularizer:
-    """The configured regularizer over the data's domains."""
+    """The configured regularizer over the data's domains (q from the model itself with
+    ``model.acft.reference: current``, else from the LM block's reference)."""
     from nemo_acft.config import domain_lambdas
 
     a = run.acft
     return Regularizer(torch.tensor(domain_lambdas(run.cfg, domains)), a["delta"],
-                       float(a["min_z"]))
+                       float(a["min_z"]), reference=a["reference"] != "current")
+
+
+def sample_source(run, k: int) -> int:
+    """Which θ oracle block k samples from (and trains φ_k on): θ_(k−1), or θ_0 with
+    ``model.acft.reference: base`` (the prototype's NADO, trained on the base model's samples,
+    so that q = p_0·R / Z is the constraint-projected base distribution)."""
+    return 0 if run.acft["reference"] == "base" else k - 1
+
+
+def reference_source(run, k: int, store: ArtifactStore) -> Tuple[ArtifactStore, int]:
+    """The trunk LM block k's q is built from (``model.acft.reference``): θ_(k−1) of ``store``
+    (``frozen``, and ``current`` for the diagnostics) or θ_0 (``base``)."""
+    if run.acft["reference"] == "base" or k == 1:
+        return run.exchange, 0
+    return store, k - 1
+
+
+def _samples(store: ArtifactStore, iteration: int):
+    """The labelled samples an oracle block published beside its φ."""
+    from nemo_acft.models.generate import Samples
+
+    d = torch.load(store.verify("nado", iteration) / "samples.pt", weights_only=True)
+    return Samples(tokens=d["tokens"], prompt_lengths=d["prompt_lengths"], lengths=d["lengths"],
+                   logprobs=d["logprobs"]), d["labels"]
+
+
+class SampleKL:
+    """``model.acft.kl_on: samples | both``: the regularizer also on the oracle block's sampled
+    continuations (the positions from the last prompt token on), where the model's own
+    continuations go, weighted by ``model.acft.sample_lambda`` (null: ``lambda``). Step t takes
+    a batch of ``model.global_batch_size`` samples, a pure function of (seed, step)."""
+
+    def __init__(self, run, store: ArtifactStore, iteration: int, reg: Regularizer):
+        from nemo_acft.models.objectives import LMLoss
+
+        a = run.acft
+        lam = a["lambda"] if a["sample_lambda"] is None else a["sample_lambda"]
+        self.samples, labels = _samples(store, iteration)
+        self.run, self.n = run, self.samples.tokens.shape[0]
+        self.objective = LMLoss(Regularizer(torch.tensor([float(lam)]), reg.delta, reg.min_z,
+                                            reg.reference), lm_weight=0.0, prefix="samples_")
+        self.labels = labels
+
+    def __call__(self, step: int):
+        gbs = min(self.run.cfg["model"]["global_batch_size"], self.n)
+        idx = batch_indices(self.n, gbs, self.run.seed, "kl_samples", step)
+        b = nado_batch(self.samples, self.labels, idx)
+        b.pop("labels")
+        b["domain_ids"] = torch.zeros(len(idx), dtype=torch.long)
+        return [(b, self.objective)], {}
 
 
 def lm_block(run, method: str, k: int, store: ArtifactStore, data: LMDataset, *,
@@ -105,6 +156,15 @@ def lm_block(run, method: str, k: int, store: ArtifactStore, data: LMDataset, *,
     read = {"lm": _read(run, src_store, "lm", src_it, "trunk", with_optimizer=with_opt)}
     if nado is not None:
         read["nado"] = _read(run, nado[0], "nado", nado_it, "head")
+    kl_on = a["kl_on"] if reg is not None else "corpus"
+    if reg is not None and reg.reference:
+        rs, ri = reference_source(run, k, store)
+        m.set_reference(rs.verify("lm", ri) / "trunk", nado[0].verify("nado", nado_it) / "head")
+        read["reference"] = {"lm": str(rs.path("lm", ri)), "iteration": ri}
+    terms_of = [extra] if extra is not None else []
+    if kl_on in ("samples", "both"):
+        terms_of.append(SampleKL(run, nado[0], nado_it, reg))
+    corpus_reg = reg if kl_on in ("corpus", "both") else None
     gbs, mbs = cfg["model"]["global_batch_size"], cfg["model"]["micro_batch_size"]
     save_every = a["save_every"]
     bar = run.bar(end - start, f"[{run.side}] {method} {k}/{K}")
@@ -112,8 +172,12 @@ def lm_block(run, method: str, k: int, store: ArtifactStore, data: LMDataset, *,
     t0 = time.perf_counter()
     for step in range(start, end):
         batch = data.batch(batch_indices(len(data), gbs, run.seed, "lm", step))
-        terms, extra_metrics = extra(step) if extra is not None else ([], {})
-        metrics = m.lm_step(batch, reg, micro_batch_size=mbs, extra=terms)
+        terms, extra_metrics = [], {}
+        for term in terms_of:
+            more, more_metrics = term(step)
+            terms += more
+            extra_metrics.update(more_metrics)
+        metrics = m.lm_step(batch, corpus_reg, micro_batch_size=mbs, extra=terms)
         metrics.update(extra_metrics)
         for key, v in metrics.items():
             if isinstance(v, float):
@@ -151,7 +215,7 @@ def oracle_block(run, k: int, store: ArtifactStore, lm: Tuple[ArtifactStore, int
             "nado": _read(run, store, "nado", k - 1, "head")}
     idx = batch_indices(len(prompts_pool), min(ob["prompts"], len(prompts_pool)), run.seed,
                         "prompts", k)
-    prompts = [prompts_pool[i] for i in idx.tolist()]
+    prompts = [prompts_pool[i] for i in idx.tolist() for _ in range(ob["samples_per_prompt"])]
     t0 = time.perf_counter()
     params = SamplingParams(max_new_tokens=s["max_new_tokens"], temperature=s["temperature"],
                             top_k=s["top_k"], top_p=s["top_p"], eos_id=run.tokenizer.eos_id,
@@ -182,6 +246,14 @@ def oracle_block(run, k: int, store: ArtifactStore, lm: Tuple[ArtifactStore, int
     means = {key: sum(x[key] for x in tail) / len(tail) for key in tail[0]} if tail else {}
     rate = labelled.violation_rate()
     run.scalars("nado", {"sample_violation_rate": rate}, k)
+    from nemo_acft.algorithms.diagnostics import calibration
+
+    calib = calibration(run, k, seed=run.seed * 1000 + 500 + k)
+    if calib:
+        run.scalars("nado/calibration", calib, k)
+        log.info("[%s] NADO φ_%d calibration on %d held-out prompts: ECE %.3f, Brier %.3f, "
+                 "mean Z %.3f vs success %.3f", run.side, k, calib["prompts"], calib["ece"],
+                 calib["brier"], calib["mean_z"], calib["mean_success"])
     unlabelled = sum(x is None for x in labelled.labels)
 
     def write(tmp):
@@ -199,7 +271,7 @@ def oracle_block(run, k: int, store: ArtifactStore, lm: Tuple[ArtifactStore, int
     store.publish("nado", k, write,
                   {"based_on": {"lm": lm[1], "nado": k - 1}, "num_samples": n,
                    "num_unlabelled": unlabelled, "sample_violation_rate": rate,
-                   "metrics": means, "seconds_sampling": t_sample,
+                   "metrics": means, "calibration": calib, "seconds_sampling": t_sample,
                    "seconds": time.perf_counter() - t0, "layout": m.layout(), "read": read})
     return {**means, "sample_violation_rate": rate}
 
@@ -210,6 +282,6 @@ def log_block(run, what: str, k: int, metrics: Dict[str, float], t0: float, done
     rate = (time.perf_counter() - t0) / max(done, 1)
     shown = " ".join(f"{key} {v:.4g}" for key, v in metrics.items()
                      if key in ("lm_loss", "kl", "penalty", "gated_share", "nado_loss",
-                                "sample_violation_rate", "reward"))
+                                "sample_violation_rate", "reward", "samples_kl"))
     log.info("[%s] %s %d/%d  %s  (%.1f s/block, ETA %.0f s)", run.side, what, k, run.K, shown,
              rate, rate * (todo - done))

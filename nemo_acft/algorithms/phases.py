@@ -204,6 +204,46 @@ def evaluate_iterations(run: Run, store: ArtifactStore, label: str,
     return rows
 
 
+def diagnose_iterations(run: Run) -> List[Dict[str, Any]]:
+    """The collapse diagnostics of ACFT's LM blocks (:func:`~nemo_acft.algorithms.diagnostics.
+    collapse`), cached in ``run_dir/eval``, with each block's gated share and KL from its
+    manifest; ``run_dir/diagnostics/collapse.png``. Empty when ``probe_prompts`` is 0."""
+    from nemo_acft.algorithms.blocks import reference_source
+    from nemo_acft.algorithms.diagnostics import collapse, plot_collapse
+    from nemo_acft.algorithms.schedules import nado_for
+
+    n = run.acft["diagnostics"]["probe_prompts"]
+    if not n:
+        return []
+    ex, rows = run.exchange, []
+    probe = run.data.eval_prompts[:n]
+    for k in range(1, run.K + 1):
+        cache = run.run_dir / "eval" / f"diagnostics_iter_{k}.json"
+        if cache.is_file():
+            rows.append(json.loads(cache.read_text()))
+            continue
+        j = nado_for(run.cfg["schedule"], k)
+        head = ex.verify("nado", j) / "head"
+        rs, ri = reference_source(run, k, ex)
+        run.model.load_part(ex.verify("lm", k) / "trunk", "trunk")
+        run.model.load_part(head, "head")
+        run.model.set_reference(rs.verify("lm", ri) / "trunk", head)
+        row = {"iteration": k, "nado_iteration": j, "reference_iteration": ri,
+               **collapse(run, k, run.acft["reference"], probe, seed=run.seed + 13)}
+        block = ex.manifest("lm", k).get("metrics", {})
+        row.update({x: block[x] for x in ("gated_share", "kl", "samples_kl", "samples_gated_share")
+                    if x in block})
+        if run.rank0:
+            with atomic_write(cache) as fh:
+                json.dump(row, fh, indent=1)
+        run.scalars("diagnostics", {x: v for x, v in row.items() if isinstance(v, float)}, k)
+        rows.append(row)
+    if run.rank0:
+        plot_collapse(run.run_dir / "diagnostics" / "collapse.png", rows)
+    _barrier()
+    return rows
+
+
 def plot_iterations(path: Path, curves: Dict[str, List[Dict]]) -> None:
     """Violation rate, perplexity and distinct-2 per iteration, one line per method, as a PNG."""
     import matplotlib
@@ -271,6 +311,7 @@ def finish(cfg: Dict[str, Any]) -> Dict[str, Any]:
         nado_store=store if name == "nado_decoding" else None,
         fixed_lm=baseline if name == "nado_decoding" else None)
         for name, store in stores.items()}
+    diagnostics = diagnose_iterations(run)
     nemo = export(run)
     summary = None
     if run.rank0:
@@ -297,18 +338,38 @@ def finish(cfg: Dict[str, Any]) -> Dict[str, Any]:
             "ratios": {"violation_rate": _ratio(acft[-1]["violation_rate"],
                                                 base[-1]["violation_rate"]),
                        "ppl": _ratio(acft[-1]["ppl"], base[-1]["ppl"]),
-                       "distinct_2": _ratio(acft[-1]["distinct_2"], base[-1]["distinct_2"])},
+                       "distinct_2": _ratio(acft[-1]["distinct_2"], base[-1]["distinct_2"]),
+                       "repeat_rate": _ratio(acft[-1]["repeat_rate"], base[-1]["repeat_rate"])},
+            "diagnostics": diagnostics, "reference": cfg["model"]["acft"]["reference"],
+            "kl_on": cfg["model"]["acft"]["kl_on"],
             "examples": {"baseline": base[-1]["examples"], "acft": acft[-1]["examples"]},
             "nemo": nemo, "phases_s": phases,
         }
+        r = summary["ratios"]
+        summary["checks"] = {  # the built-in default's acceptance, degeneration included
+            "violation_at_most_half": r["violation_rate"] <= 0.5,
+            "ppl_at_most_1.10x": r["ppl"] <= 1.10,
+            "distinct_2_at_least_0.9x": r["distinct_2"] >= 0.9,
+            # a repeat rate of 0 (no repeated word) has no meaningful ratio
+            "repeat_rate_at_most_1.2x": (acft[-1]["repeat_rate"]
+                                         <= 1.2 * base[-1]["repeat_rate"] + 1e-3)}
         with atomic_write(rd / "summary.json") as fh:
             json.dump(summary, fh, indent=1)
         log.info("summary: violation rate %.3f -> %.3f (x%.2f), perplexity %.3f -> %.3f (x%.3f), "
-                 "distinct-2 %.3f -> %.3f; %s", summary["baseline"]["violation_rate"],
+                 "distinct-2 %.3f -> %.3f, repeat rate %.3f -> %.3f; checks %s; %s",
+                 summary["baseline"]["violation_rate"],
                  summary["acft"]["violation_rate"], summary["ratios"]["violation_rate"],
                  summary["baseline"]["ppl"], summary["acft"]["ppl"], summary["ratios"]["ppl"],
                  summary["baseline"]["distinct_2"], summary["acft"]["distinct_2"],
+                 summary["baseline"]["repeat_rate"], summary["acft"]["repeat_rate"],
+                 "all pass" if all(summary["checks"].values()) else
+                 "FAILED: " + ", ".join(c for c, ok in summary["checks"].items() if not ok),
                  rd / "summary.json")
+        for row in diagnostics:
+            log.info("diagnostics LM block %d: H(p) %.3f, H(q) %.3f, |ΔZ| %.4f, distinct-2 "
+                     "%.3f, repeat rate %.3f, gated share %.3f", row["iteration"],
+                     row["entropy_p"], row["entropy_q"], row["delta_z"], row["distinct_2"],
+                     row["repeat_rate"], row.get("gated_share", math.nan))
     _barrier()
     run.close()
     return summary

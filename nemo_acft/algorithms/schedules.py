@@ -18,7 +18,7 @@ import os
 import time
 
 from nemo_acft.algorithms.blocks import (lm_block, log_block, oracle_block, publish_initial_head,
-                                         regularizer)
+                                         regularizer, sample_source)
 from nemo_acft.algorithms.coordination import (Heartbeat, Liveness, StopRequested, handshake,
                                                side_lock, wait_for, world_pids)
 
@@ -40,7 +40,7 @@ def run_sequential(run) -> None:
     t0 = time.perf_counter()
     for done, k in enumerate(todo, 1):
         if not ex.exists("nado", k):
-            m = oracle_block(run, k, ex, (ex, k - 1), run.data.train_prompts)
+            m = oracle_block(run, k, ex, (ex, sample_source(run, k)), run.data.train_prompts)
             log_block(run, "oracle block", k, m, t0, done - 1, len(todo))
         m = lm_block(run, "acft", k, ex, run.data.train, reg=reg, nado=(ex, k))
         log_block(run, "acft LM block", k, m, t0, done, len(todo))
@@ -65,9 +65,10 @@ def _oracle_side(run) -> None:
     todo = [k for k in range(1, run.K + 1) if not ex.exists("nado", k)]
     t0 = time.perf_counter()
     for done, k in enumerate(todo, 1):
-        wait_for(ex, "lm", k - 1, x["timeout_s"], "the LM side",
+        j = sample_source(run, k)
+        wait_for(ex, "lm", j, x["timeout_s"], "the LM side",
                  Liveness(ex, "lm", x["heartbeat_timeout_s"]))
-        m = oracle_block(run, k, ex, (ex, k - 1), run.data.train_prompts)
+        m = oracle_block(run, k, ex, (ex, j), run.data.train_prompts)
         log_block(run, "oracle block", k, m, t0, done, len(todo))
 
 
