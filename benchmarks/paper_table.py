@@ -119,10 +119,10 @@ KNOB = {"filtering": "threshold", "rl": "coef", "nado_decoding": "β", "acft": "
         "acft_adaptive": "λ_toxigen"}
 #: ``--ablations``: ours w/ adaptive at its main λ with one choice changed (model.acft keys)
 ABLATIONS = {
+    "kl_on=both": {"kl_on": "both"},
+    "kl_on=samples": {"kl_on": "samples"},
     "reference=current": {"reference": "current"},
     "reference=base": {"reference": "base"},
-    "kl_on=samples": {"kl_on": "samples"},
-    "kl_on=both": {"kl_on": "both"},
     "gates=off": {"delta": None, "min_z": 0.0},
 }
 
@@ -545,8 +545,8 @@ def main(argv=None) -> Dict[str, Any]:
                                          for k in spec["sweep"][m]]
     after_baseline = [("nado_decoding", k, None) for k in spec["sweep"]["nado_decoding"]]
     jobs = jobs[:1] + after_baseline[:1] + jobs[1:]  # the head once, before the other β
-    if args.ablations:
-        jobs += [("acft_adaptive", MAIN["acft_adaptive"], v) for v in ABLATIONS]
+    if args.ablations:  # after ours, before the other baselines
+        jobs[3:3] = [("acft_adaptive", MAIN["acft_adaptive"], v) for v in ABLATIONS]
     later = after_baseline[1:]
     points: List[Dict[str, Any]] = []
     ablated: List[Dict[str, Any]] = []
