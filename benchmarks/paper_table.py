@@ -121,9 +121,9 @@ KNOB = {"filtering": "threshold", "rl": "coef", "nado_decoding": "β", "acft": "
 ABLATIONS = {
     "kl_on=both": {"kl_on": "both"},
     "kl_on=samples": {"kl_on": "samples"},
+    "gates=off": {"delta": None, "min_z": 0.0},
     "reference=current": {"reference": "current"},
     "reference=base": {"reference": "base"},
-    "gates=off": {"delta": None, "min_z": 0.0},
 }
 
 
