@@ -1,7 +1,11 @@
 """The paper's main table and its Figure 3 (toxicity against utility), in miniature, on real data.
 
-    python benchmarks/paper_table.py --data-dir ../shared/data --out paper_out           # ~60 min
+    python benchmarks/paper_table.py --data-dir ../shared/data --out paper_out           # ~5 h
     python benchmarks/paper_table.py --data-dir ../shared/data --out paper_out --quick   # ~5 min
+
+(2 cores: an ACFT point of the full mode takes 35–40 min with its NADO budget of 1,024 prompts
+and 300 NADO steps per oracle block.) ``--ablations`` adds ours w/ adaptive with one choice of
+``ABLATIONS`` changed (reference, kl_on, gates), as ``ablation/<variant>/`` and a second table.
 
 ``--data-dir`` (default: the environment variable ``ACFT_DATA_DIR``) holds ``wikitext-2/``,
 ``toxigen_seeds/`` and ``davidson_hate_offensive/`` (see that folder's README); nothing of it is
