@@ -111,11 +111,10 @@ class SampleKL:
 
         a = run.acft
         lam = a["lambda"] if a["sample_lambda"] is None else a["sample_lambda"]
-        self.samples, labels = _samples(store, iteration)
+        self.samples, self.labels = _samples(store, iteration)
         self.run, self.n = run, self.samples.tokens.shape[0]
         self.objective = LMLoss(Regularizer(torch.tensor([float(lam)]), reg.delta, reg.min_z,
                                             reg.reference), lm_weight=0.0, prefix="samples_")
-        self.labels = labels
 
     def __call__(self, step: int):
         gbs = min(self.run.cfg["model"]["global_batch_size"], self.n)

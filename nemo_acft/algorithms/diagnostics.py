@@ -71,11 +71,6 @@ def _plot_reliability(path: Path, report: Dict[str, Any], title: str) -> None:
     save_figure(fig, path)
 
 
-def prefix_stats(model, samples, on_reference: bool = False) -> torch.Tensor:
-    """``[3, n, T-1]``: H(p), H(q), log Z after every prefix of ``samples.tokens``."""
-    return model.distribution_stats(samples.tokens, on_reference=on_reference)
-
-
 def calibration(run, k: int, seed: int) -> Dict[str, Any]:
     """NADO's calibration on ``model.acft.calibration.prompts`` held-out prompts with the model
     as it is (θ the head was trained for, φ_k); writes ``run_dir/diagnostics/calibration_iter_
@@ -94,7 +89,7 @@ def calibration(run, k: int, seed: int) -> Dict[str, Any]:
                            run.oracle, params, batch_size=s["batch_size"],
                            threshold=run.cfg["oracle"]["threshold"],
                            oracle_batch_size=run.cfg["oracle"]["batch_size"])
-    log_z = prefix_stats(run.model, out.samples)[2]
+    log_z = run.model.distribution_stats(out.samples.tokens)[2]
     z, success = [], []
     for i in range(len(prompts)):
         rows = range(i * n, (i + 1) * n)
@@ -134,8 +129,8 @@ def collapse(run, k: int, reference_mode: str, probe: Sequence[str], seed: int
     samples = generate_batched(run.model, run.tokenizer, list(probe), params,
                                batch_size=s["batch_size"])
     mask = generated_mask(samples)
-    mine = prefix_stats(run.model, samples)
-    ref = prefix_stats(run.model, samples, on_reference=True)
+    mine = run.model.distribution_stats(samples.tokens)  # H(p), H(q), log Z per prefix
+    ref = run.model.distribution_stats(samples.tokens, on_reference=True)
     n = mask.sum().clamp_min(1)
 
     def mean(x):
@@ -168,4 +163,4 @@ def plot_collapse(path: Path, rows: List[Dict[str, Any]]) -> None:
     save_figure(fig, path)
 
 
-__all__ = ["ece", "calibration", "collapse", "plot_collapse", "prefix_stats"]
+__all__ = ["ece", "calibration", "collapse", "plot_collapse"]
