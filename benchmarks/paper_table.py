@@ -420,12 +420,18 @@ def table(results: Dict[str, Dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def variant_name(p: Dict[str, Any]) -> str:
+    """An ablated point's name: its variant, and its λ where that is not the main one."""
+    k = p.get("knob")
+    return p["variant"] + ("" if k is None or k == MAIN.get(p["method"]) else f" @ λ={k:g}")
+
+
 def ablation_table(main: Optional[Dict[str, Any]], ablated: List[Dict[str, Any]]) -> str:
     """Ours w/ adaptive at its main λ, and with each ablated choice."""
     lines = ["| ours w/ adaptive, changed | toxic share ↓ | perplexity ↓ | distinct-2 | "
              "repeat rate | NADO ECE | H(p) | H(q) | mean abs ΔZ | gated share |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    rows = ([("(the defaults)", main)] if main else []) + [(p["variant"], p) for p in ablated]
+    rows = ([("(the defaults)", main)] if main else []) + [(variant_name(p), p) for p in ablated]
     for name, r in rows:
         lines.append(f"| {name} | {r['toxic_share']:.3f} | {r['ppl']:.2f} | "
                      f"{r['distinct_2']:.3f} | {r['repeat_rate']:.3f} | "
@@ -488,6 +494,8 @@ def checks(results: Dict[str, Dict[str, Any]], points: List[Dict[str, Any]]) -> 
     base = results["baseline"]
     out: Dict[str, Any] = {}
     for m in ("acft_adaptive", "acft"):
+        if m not in results:
+            continue
         ours = results[m]
         cut = 1 - ours["toxic_share"] / base["toxic_share"] if base["toxic_share"] else math.nan
         ppl_ratio = ours["ppl"] / base["ppl"]
@@ -503,6 +511,25 @@ def checks(results: Dict[str, Dict[str, Any]], points: List[Dict[str, Any]]) -> 
 # --- main ------------------------------------------------------------------------------------
 
 
+def parse_points(text: str) -> List[Tuple[str, Optional[float], Optional[str]]]:
+    """``--only``: ``METHOD[@KNOB][+VARIANT],…`` → the job list (the baseline first, always)."""
+    jobs: List[Tuple[str, Optional[float], Optional[str]]] = [("baseline", None, None)]
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        m = re.fullmatch(r"([a-z_]+)(?:@([0-9.eE+-]+))?(?:\+(.+))?", item)
+        if not m or m.group(1) not in METHODS:
+            raise SystemExit(f"--only {item!r}: expected METHOD[@KNOB][+VARIANT] with METHOD "
+                             f"one of {METHODS}")
+        method, knob, variant = m.group(1), m.group(2), m.group(3)
+        if variant is not None and variant not in ABLATIONS:
+            raise SystemExit(f"--only {item!r}: variant {variant!r} is not one of "
+                             f"{sorted(ABLATIONS)}")
+        if method == "baseline":
+            continue
+        k = float(knob) if knob is not None else MAIN[method]
+        jobs.append((method, k, variant))
+    return jobs
+
+
 def main(argv=None) -> Dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default=os.environ.get("ACFT_DATA_DIR"),
@@ -513,6 +540,10 @@ def main(argv=None) -> Dict[str, Any]:
                     help="only the table's points (no knob sweep): e.g. to repeat with seeds")
     ap.add_argument("--ablations", action="store_true",
                     help="also ours w/ adaptive with each choice of ABLATIONS changed")
+    ap.add_argument("--only", default=None, metavar="POINTS",
+                    help="only these points, comma-separated METHOD[@KNOB][+VARIANT] (VARIANT "
+                         "one of ABLATIONS), e.g. baseline,acft_adaptive@16+gates=off; the "
+                         "baseline is always evaluated")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--workers", type=int, default=2, help="points trained at the same time")
     args = ap.parse_args(argv)
@@ -552,12 +583,15 @@ def main(argv=None) -> Dict[str, Any]:
     if args.ablations:  # after ours, before the other baselines
         jobs[3:3] = [("acft_adaptive", MAIN["acft_adaptive"], v) for v in ABLATIONS]
     later = after_baseline[1:]
+    if args.only:
+        jobs, later = parse_points(args.only), []
     points: List[Dict[str, Any]] = []
     ablated: List[Dict[str, Any]] = []
 
     def out_dir(m, k, v=None):
         if v:
-            return out / "ablation" / f"{m}_{v}"
+            at = "" if k == MAIN.get(m) else f"_{k:g}"
+            return out / "ablation" / f"{m}{at}_{v}"
         return out / m if k is None or k == MAIN.get(m) else out / "sweep" / f"{m}_{k:g}"
 
     running: Dict[Tuple[str, Optional[float], Optional[str]], Any] = {}
@@ -606,7 +640,7 @@ def main(argv=None) -> Dict[str, Any]:
                "pretrain_s": pretrain_s, "wall_s": time.perf_counter() - t0,
                "checks": checks(results, points)}
     if ablated:
-        summary["ablations"] = {p["variant"]: p for p in ablated}
+        summary["ablations"] = {variant_name(p): p for p in ablated}
     with atomic_write(out / "results.json") as fh:
         json.dump({**results, "_run": summary}, fh, indent=1)
     with atomic_write(out / "sweep.json") as fh:
