@@ -31,9 +31,13 @@ def hf_dir(tmp_path_factory):
     return tiny_llama(tmp_path_factory.mktemp("hf") / "tiny-llama")
 
 
+#: the console script, as a user types it (pip install -e . puts it beside the interpreter)
+ACFT_CONVERT = str(Path(sys.executable).with_name("acft-convert"))
+
+
 def convert(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nemo_acft.cli.convert", *map(str, args)],
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    return subprocess.run([ACFT_CONVERT, *map(str, args)], capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
 
 
 @pytest.fixture(scope="module")

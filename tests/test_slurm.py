@@ -1,11 +1,13 @@
 """The sbatch scripts on a real Slurm (Debian's slurm-wlm 22.05, munge) started on this machine:
 two slurmd nodes, so that the two components of a heterogeneous job land on different nodes.
 
-- acft_hetjob.sbatch with 2 tasks in the LM component (TP = 2: one world of two srun tasks)
-  and 1 in the oracle component: completes; both sides ran in their own component (node n1 /
-  n2), the LM side's θ_k written at TP = 2 and read at TP = 1, the exchange holds every
-  iteration of both, and a .nemo comes out, which eval.sbatch then evaluates (acft-eval on the
-  .nemo);
+- the README's cluster quick start: an HF Llama (tests/hf_utils: tiny, random, offline) through
+  ``acft-convert hf-to-nemo``, then acft_hetjob.sbatch with 2 tasks in the LM component (TP = 2:
+  one world of two srun tasks) and 1 in the oracle component: completes; both sides ran in their
+  own component (node n1 / n2), the LM side's θ_k written at TP = 2 and read at TP = 1, the
+  exchange holds every iteration of both, and a .nemo comes out, which eval.sbatch evaluates
+  (acft-eval on the .nemo) and ``acft-convert nemo-to-hf`` turns into a folder
+  ``AutoModelForCausalLM`` loads and generates from;
 - acft_single.sbatch: completes with the sequential schedule and a .nemo;
 - scancel of the oracle component mid-run: the LM side fails with the clear error (not a hang),
   the job exits non-zero, and the LM side's last artifacts load with their checksums intact.
@@ -83,9 +85,20 @@ def _manifest(run_dir, kind, k):
 
 
 def test_hetjob_runs_the_parallel_schedule_in_two_components(cluster, tmp_path):
+    """The README's cluster quick start, the paths and sizes made small."""
+    import subprocess
+
+    from tests.hf_utils import tiny_llama
+
+    convert = str(Path(sys.executable).with_name("acft-convert"))
+    hf = tiny_llama(tmp_path / "hf" / "Llama-tiny")
+    llama = tmp_path / "ckpt" / "llama.nemo"
+    subprocess.run([convert, "hf-to-nemo", "--hf", str(hf), "--out", str(llama),
+                    "--tensor-model-parallel-size", "2"], check=True, timeout=600)
     t0 = time.monotonic()
     p, run_dir, out = _submit(cluster, tmp_path, "het", "acft_hetjob.sbatch",
-                              SMALL + ["model.tensor_model_parallel_size=2",
+                              SMALL + [f"model.restore_from_path={llama}",
+                                       "model.tensor_model_parallel_size=2",
                                        "model.acft.oracle_group.tensor_model_parallel_size=1"],
                               sizes=HET_SIZES)
     _job_id(p)
@@ -125,6 +138,17 @@ def test_hetjob_runs_the_parallel_schedule_in_two_components(cluster, tmp_path):
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     assert metrics["method"] == "acft" and metrics["num_samples"] + metrics["num_failed"] == 4
     assert len((eval_dir / "samples.jsonl").read_text().splitlines()) == 4
+    # and out to Hugging Face
+    hf_out = tmp_path / "hf" / "llama-acft"
+    subprocess.run([convert, "nemo-to-hf", "--nemo", str(nemo), "--out", str(hf_out)],
+                   check=True, timeout=600)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(hf_out))
+    model = AutoModelForCausalLM.from_pretrained(str(hf_out))
+    ids = torch.tensor([tok.encode("the weather is")])
+    assert model.generate(ids, max_new_tokens=6, do_sample=False).shape[1] > ids.shape[1]
 
 
 def test_single_job_runs_the_sequential_schedule(cluster, tmp_path):
