@@ -258,7 +258,9 @@ def domain_lambdas(cfg: Dict[str, Any], domains: Sequence[str]) -> List[float]:
     unknown = sorted(set(a["domain_lambdas"]) - set(domains))
     if unknown:
         raise ValueError(f"config model.acft.domain_lambdas names domains {unknown} that the data "
-                         f"does not have; domains: {list(domains)}")
+                         f"does not have; domains: {list(domains)} (Hydra merges a mapping: "
+                         "replace it with '~model.acft.domain_lambdas' "
+                         "'+model.acft.domain_lambdas={name: λ, ...}')")
     return [float(a["domain_lambdas"].get(d, a["lambda"])) for d in domains]
 
 

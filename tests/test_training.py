@@ -531,3 +531,30 @@ def test_liveness_from_status_and_heartbeat(tmp_path):
     finally:
         beat.finish("failed", error="boom")
     assert not alive() and "reported 'failed'" in alive.reason and "boom" in alive.reason
+
+
+def test_the_llama_config_composes_for_files_data(tmp_path):
+    """conf/llama7b_tp4pp2.yaml with a user's files data validates: no domain of the built-in
+    corpus is left in model.acft.domain_lambdas (Hydra merges mappings; the built-in's
+    {chat: 4.0} lives in tiny_cpu.yaml), and its layouts are the documented ones."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from nemo_acft.config import lm_layout, oracle_layout, validate
+    from tests.run_utils import REPO
+
+    nemo = tmp_path / "llama.nemo"
+    nemo.write_bytes(b"")
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"text": "a b c", "domain": "wiki"}\n')
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = hydra_compose(config_name="llama7b_tp4pp2", overrides=[
+            f"model.restore_from_path={nemo}", f"data.train_file={train}",
+            f"data.heldout_file={train}"])
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)
+    validate(plain)
+    assert plain["model"]["acft"]["domain_lambdas"] == {}
+    assert (lm_layout(plain).tp, lm_layout(plain).pp) == (4, 2)
+    assert oracle_layout(plain).tp == 4

@@ -374,16 +374,23 @@ def nemo_to_hf(nemo: str, out: str, *, dtype: str = "float32") -> Path:
     from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import MegatronGPTModel
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from nemo_acft.cli.load import load_nemo
+    from omegaconf import open_dict
+
+    from nemo_acft.models.build import build_model
 
     src, dst = Path(nemo), Path(out)
     if not src.is_file():
         raise ConversionError(f"--nemo {src}: no such file")
     cfg = MegatronGPTModel.restore_from(str(src), return_config=True)
     check_llama_nemo(cfg, src)
-    got = load_nemo(str(src), tp=1)
-    module = got.model.module
-    vocab = int(got.tokenizer.vocab_size)
+    with open_dict(cfg):
+        cfg.setdefault("acft", {}).setdefault("nado_head", {})
+    model = build_model(cfg, tp=1, pp=1, seed=1234, restore_from=str(src),
+                        trainer_cfg={"devices": 1, "num_nodes": 1, "accelerator": "auto",
+                                     "precision": cfg.get("precision", 32),
+                                     "gradient_clip_val": None})
+    module = model.module
+    vocab = int(model.tokenizer.vocab_size)
     sd = mcore_to_hf(module.base_state_dict(), cfg, vocab)
     heads = cfg.num_attention_heads
     hf_cfg = LlamaConfig(
@@ -396,8 +403,8 @@ def nemo_to_hf(nemo: str, out: str, *, dtype: str = "float32") -> Path:
         rope_theta=float(cfg.get("rotary_base", 10000.0)),
         tie_word_embeddings=bool(cfg.get("share_embeddings_and_output_weights", True)),
         initializer_range=cfg.get("init_method_std", 0.02),
-        bos_token_id=_token_id(got.model.tokenizer, "bos_id"),
-        eos_token_id=_token_id(got.model.tokenizer, "eos_id"),
+        bos_token_id=_token_id(model.tokenizer, "bos_id"),
+        eos_token_id=_token_id(model.tokenizer, "eos_id"),
         torch_dtype=dtype, architectures=["LlamaForCausalLM"])
     hf_model = LlamaForCausalLM(hf_cfg)
     result = hf_model.load_state_dict(sd, strict=False)
@@ -411,7 +418,7 @@ def nemo_to_hf(nemo: str, out: str, *, dtype: str = "float32") -> Path:
     tmp = _tmp_name(dst)
     shutil.rmtree(tmp, ignore_errors=True)
     hf_model.save_pretrained(str(tmp))
-    save_hf_tokenizer(got.model.tokenizer, tmp)
+    save_hf_tokenizer(model.tokenizer, tmp)
     if dst.exists():
         shutil.rmtree(dst)
     os.replace(tmp, dst)
