@@ -38,7 +38,7 @@ def engine(vocab: int, hidden: int, layers: int, heads: int, seq: int, head_laye
         "hidden_size": hidden, "ffn_hidden_size": 4 * hidden, "num_attention_heads": heads,
         "hidden_dropout": 0.0, "attention_dropout": 0.0, "override_vocab_size": vocab,
         "position_embedding_type": "rope", "share_embeddings_and_output_weights": False,
-        "normalization": "layernorm", "bias": True, "precision": precision, "seed": 0,
+        "normalization": "layernorm", "bias": True, "precision": precision, "seed": 1,
         "tokenizer": {"library": "byte-level", "type": None, "model": None},
         "data": {"data_impl": "mock", "data_prefix": [], "num_workers": 0},
         "optim": {"name": "adamw", "lr": 1e-4, "weight_decay": 0.0},

@@ -11,7 +11,15 @@ and backward in megatron-core's schedule, loss, gradient clipping, NeMo's AdamW)
 - ``acft``: with the frozen NADO head (one transformer layer) and the fused chunked CE + KL
   (``loss_chunk_tokens``), plus λ · gated KL (``kl_penalty``);
 - ``acft_unfused``: the same with ``loss_chunk_tokens=0`` (autograd through ``cross_entropy``
-  and ``closed_form_kl``).
+  and ``closed_form_kl``);
+- ``acft_ref``: the default ``model.acft.reference=frozen``: q from a frozen reference (a second
+  copy of the model, ``set_reference``), one no-grad forward of its trunk and head per batch and
+  its logits projected inside the fused pass; the current head does not run.
+
+Beside each measured ratio, the FLOP-predicted one (:func:`flops`: matrix multiplies counted from
+the shapes, backward = 2 × forward, the fused pass's recomputed projections included) and
+``overhead_vs_flop_bound`` = (measured − 1) / (predicted − 1): how much more the extra work costs
+than its FLOPs say (elementwise passes over ``[tokens, V]``, the reference's memory traffic).
 
 Time: the variants run interleaved (sft, acft, acft_unfused, sft, ...) after warm-up steps, in
 one process, and the medians are compared. Memory: on CPU each variant runs in a fresh
@@ -44,12 +52,29 @@ CPU_SIZES = {
     "tiny": (64, 2, 4, 512, 8, 64),
     "small": (256, 4, 4, 8192, 4, 128),
     "medium": (512, 4, 8, 32768, 4, 256),
+    "llm": (1024, 12, 16, 32768, 1, 512),  # an LLM's head/trunk ratio: 12 layers, 32k vocab
 }
 GPU_SIZES = {
     "1b_32k": (2048, 16, 16, 32768, 4, 2048),
     "1b_128k": (2048, 16, 16, 131072, 4, 2048),
 }
-VARIANTS = ("sft", "acft", "acft_unfused")
+VARIANTS = ("sft", "acft", "acft_unfused", "acft_ref")
+
+
+def flops(size, variant) -> float:
+    """Matrix-multiply FLOPs of one step of ``variant`` (forward 1×, backward 2×): per token a
+    layer's forward is 24h² + 4sh (QKV, projection, a 4h MLP, the attention scores and values),
+    a ``hidden × V`` projection 2hV. SFT: 3 (L·layer + proj). ACFT adds the frozen head's layer
+    (forward only) and its projection (twice when fused: in the pass and in its backward);
+    ``acft_ref`` instead the reference's trunk and head layers (forward) and two projections
+    (its LM logits and its head's), each twice in the fused pass."""
+    hidden, layers, _heads, vocab, batch, seq = size
+    layer = 24 * hidden ** 2 + 4 * seq * hidden
+    proj = 2 * hidden * vocab
+    sft = 3 * (layers * layer + proj)
+    extra = {"sft": 0, "acft": layer + 2 * proj, "acft_unfused": layer + proj,
+             "acft_ref": (layers + 1) * layer + 4 * proj}[variant]
+    return float((sft + extra) * batch * seq)
 
 
 def build(size, variant, device, dtype):
@@ -62,6 +87,13 @@ def build(size, variant, device, dtype):
                    device=device)
     model.configure_training("trunk", {"name": "adamw", "lr": 1e-4, "weight_decay": 0.0},
                              max_steps=1)
+    if variant == "acft_ref":  # the reference: this model's own θ and φ, saved and loaded back
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="acft_ref_"))
+        model.save_part(tmp / "trunk", "trunk")
+        model.save_part(tmp / "head", "head")
+        model.set_reference(tmp / "trunk", tmp / "head")
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, vocab, (batch, seq + 1), generator=g)
     data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:].contiguous(),
@@ -72,7 +104,8 @@ def build(size, variant, device, dtype):
 def step(model, optimizer, params, data, variant):
     from nemo_acft.models.objectives import Regularizer
 
-    reg = None if variant == "sft" else Regularizer(torch.tensor([1.0]), delta=0.95)
+    reg = None if variant == "sft" else Regularizer(torch.tensor([1.0]), delta=0.95,
+                                                    reference=variant == "acft_ref")
     model.lm_step(data, reg, micro_batch_size=data["inputs"].shape[0])
 
 
@@ -82,7 +115,7 @@ def _sync(device):
 
 
 def time_variants(size, device, dtype, repeats, warmup):
-    built = {v: build(size, v, device, dtype) for v in VARIANTS}
+    built = {v: build(size, v, device, dtype) for v in VARIANTS}  # all alive: interleaved
     times = {v: [] for v in VARIANTS}
     for _ in range(warmup):
         for v in VARIANTS:
@@ -153,13 +186,16 @@ def plot(rows, path):
 
     names = [r["size"] for r in rows]
     x = range(len(names))
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    w = 0.2
-    series = (("time_ratio", "time ACFT/SFT"), ("peak_mem_ratio", "peak mem ACFT/SFT"),
+    fig, ax = plt.subplots(figsize=(9, 4))
+    w = 0.8 / 8
+    series = (("time_ratio", "time ACFT/SFT"), ("acft_flop_ratio", "FLOPs ACFT/SFT"),
+              ("ref_time_ratio", "time ACFT frozen ref/SFT"),
+              ("acft_ref_flop_ratio", "FLOPs ACFT frozen ref/SFT"),
+              ("peak_mem_ratio", "peak mem ACFT/SFT"),
               ("fused_vs_unfused_time_ratio", "time fused/unfused"),
               ("fused_vs_unfused_mem_ratio", "step mem fused/unfused"))
     for i, (key, label) in enumerate(series):
-        ax.bar([xi + (i - 1.5) * w for xi in x], [r[key] for r in rows], w, label=label)
+        ax.bar([xi + (i - 3.5) * w for xi in x], [r[key] for r in rows], w, label=label)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(list(x), names)
     ax.set_ylabel("ratio")
@@ -205,11 +241,22 @@ def main(argv=None):
             "fused_vs_unfused_time_ratio": times["acft"] / times["acft_unfused"],
             "fused_vs_unfused_mem_ratio": step_mem["acft"] / max(step_mem["acft_unfused"], 1),
             "fused_vs_unfused_peak_ratio": mem["acft"]["peak"] / mem["acft_unfused"]["peak"],
+            "acft_ref_ms": times["acft_ref"] * 1e3,
+            "acft_ref_peak_mb": mem["acft_ref"]["peak"] / 2**20,
+            "ref_time_ratio": times["acft_ref"] / times["sft"],
+            "ref_peak_mem_ratio": mem["acft_ref"]["peak"] / mem["sft"]["peak"],
         })
+        r = rows[-1]
+        for v, key in (("acft", "time_ratio"), ("acft_ref", "ref_time_ratio")):
+            pred = flops(sizes[name], v) / flops(sizes[name], "sft")
+            r[f"{v}_flop_ratio"] = pred
+            r[f"{v}_overhead_vs_flop_bound"] = (r[key] - 1) / (pred - 1)
         print(f"[{name}] measured in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    cols = ("size", "sft_ms", "acft_ms", "acft_unfused_ms", "time_ratio", "sft_peak_mb",
-            "acft_peak_mb", "acft_unfused_peak_mb", "peak_mem_ratio", "step_mem_ratio",
-            "fused_vs_unfused_time_ratio", "fused_vs_unfused_mem_ratio")
+    cols = ("size", "sft_ms", "acft_ms", "acft_unfused_ms", "acft_ref_ms", "time_ratio",
+            "acft_flop_ratio", "acft_overhead_vs_flop_bound", "ref_time_ratio",
+            "acft_ref_flop_ratio", "acft_ref_overhead_vs_flop_bound", "sft_peak_mb",
+            "acft_peak_mb", "acft_ref_peak_mb", "peak_mem_ratio", "ref_peak_mem_ratio",
+            "step_mem_ratio", "fused_vs_unfused_time_ratio", "fused_vs_unfused_mem_ratio")
     print(f"device: {device_name}, dtype {dtype}, medians of {args.repeats} interleaved steps")
     print(" | ".join(cols))
     for r in rows:
@@ -223,6 +270,11 @@ def main(argv=None):
         for key, v in r.items():
             if key not in ("size", "device", "dtype"):
                 flat[f"{r['size']}.{key}"] = v
+    worst = max(rows, key=lambda r: max(r["acft_overhead_vs_flop_bound"],
+                                        r["acft_ref_overhead_vs_flop_bound"]))
+    flat["overhead_vs_flop_bound"] = max(worst["acft_overhead_vs_flop_bound"],
+                                         worst["acft_ref_overhead_vs_flop_bound"])
+    flat["overhead_vs_flop_bound_size"] = worst["size"]
     if args.json:
         write_results(args.json, flat, plot, rows)
     return flat
