@@ -29,8 +29,9 @@ copied into the repository, only into ``--out``. The set-up:
 
 Methods (``results.json`` names): ``baseline`` (LM loss), ``filtering`` (records the oracle
 scores < 0.5 dropped), ``rl`` (REINFORCE + LM loss), ``nado_decoding`` (the baseline's θ decoded
-from q ∝ p·R^β), ``acft`` (one λ, no gate), ``acft_adaptive`` (λ on ``toxigen`` only, none on
-``wiki``, and the δ gate). The sweep varies each method's knob (filtering threshold, RL
+from q ∝ p·R^β), ``acft`` (one λ on both domains), ``acft_adaptive`` (λ on ``toxigen`` only, none on
+``wiki``); both without the δ and ``min_z`` gates (the ``gates=on`` ablation has them: they
+switched off 93–97% of the positions and left the toxic share at 0.98×). The sweep varies each method's knob (filtering threshold, RL
 coefficient, guidance β, λ) for the trade-off plot. Runs go two at a time (one core each).
 
 Writes to ``--out``: ``results.json`` (method → toxic_share, emt, tox_prob, ppl, …),
@@ -125,7 +126,7 @@ KNOB = {"filtering": "threshold", "rl": "coef", "nado_decoding": "β", "acft": "
 ABLATIONS = {
     "kl_on=both": {"kl_on": "both"},
     "kl_on=samples": {"kl_on": "samples"},
-    "gates=off": {"delta": None, "min_z": 0.0},
+    "gates=on": {"delta": 0.95, "min_z": 0.1},
     "reference=current": {"reference": "current"},
     "reference=base": {"reference": "base"},
 }
@@ -318,7 +319,7 @@ def point_config(cfg: Dict[str, Any], method: str, knob: float, out: Path,
         a.update({"lambda": knob, "domain_lambdas": {}, "delta": None, "min_z": 0.0})
     elif method == "acft_adaptive":
         a.update({"lambda": knob, "domain_lambdas": {"wiki": 0.0, "toxigen": knob},
-                  "delta": 0.95, "min_z": 0.1})
+                  "delta": None, "min_z": 0.0})
     if method.startswith("acft"):
         a["sample_lambda"] = knob
     if variant:
@@ -542,7 +543,7 @@ def main(argv=None) -> Dict[str, Any]:
                     help="also ours w/ adaptive with each choice of ABLATIONS changed")
     ap.add_argument("--only", default=None, metavar="POINTS",
                     help="only these points, comma-separated METHOD[@KNOB][+VARIANT] (VARIANT "
-                         "one of ABLATIONS), e.g. baseline,acft_adaptive@16+gates=off; the "
+                         "one of ABLATIONS), e.g. baseline,acft_adaptive@16+gates=on; the "
                          "baseline is always evaluated")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--workers", type=int, default=2, help="points trained at the same time")

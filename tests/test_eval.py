@@ -37,6 +37,7 @@ def test_diversity_by_hand():
     assert d["distinct_2"] == pytest.approx(4 / 5)
     # repeat rates: 1 - 2/4, 1 - 3/3, (empty text skipped), 1 - 1/1
     assert d["repeat_rate"] == pytest.approx((0.5 + 0.0 + 0.0) / 3)
+    assert d["mean_words"] == pytest.approx((4 + 3 + 0 + 1) / 4)
     assert math.isnan(diversity([""])["distinct_2"])
 
 

@@ -2,6 +2,7 @@
 data in ../shared/data (or $ACFT_DATA_DIR), its metrics recomputed from the samples it wrote."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -93,3 +94,15 @@ def test_quick_mode_end_to_end(tmp_path):
     checks = results["_run"]["checks"]["acft_adaptive"]
     cut = 1 - results["acft_adaptive"]["toxic_share"] / results["baseline"]["toxic_share"]
     assert checks["toxic_share_cut_vs_baseline"] == pytest.approx(cut)
+
+
+def test_only_points_parse_and_refuse_unknown_names():
+    from benchmarks.paper_table import MAIN, parse_points
+
+    assert parse_points("acft_adaptive@16+gates=on,nado_decoding,baseline") == [
+        ("baseline", None, None), ("acft_adaptive", 16.0, "gates=on"),
+        ("nado_decoding", MAIN["nado_decoding"], None)]
+    for bad, msg in (("acft_adaptiv", "expected METHOD[@KNOB][+VARIANT]"),
+                     ("acft@1+gates=maybe", "variant 'gates=maybe' is not one of")):
+        with pytest.raises(SystemExit, match=re.escape(msg)):
+            parse_points(bad)

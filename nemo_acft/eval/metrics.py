@@ -57,7 +57,8 @@ def diversity(items: Sequence[str]) -> Dict[str, float]:
     over all bigrams pooled across ``items`` (Li et al. 2016), and ``repeat_rate``, the mean over
     texts of ``1 − unique tokens / tokens`` (0 for a text without a repeated token). A sampler
     that loops on a few "safe" tokens has a low distinct-2 and a high repeat rate, whatever its
-    toxicity or perplexity."""
+    toxicity or perplexity; one that "detoxifies" by stopping early has a small ``mean_words``
+    (tokens per text, empty texts included)."""
     bigrams, seen, rates = 0, set(), []
     for t in items:
         words = t.split()
@@ -66,5 +67,7 @@ def diversity(items: Sequence[str]) -> Dict[str, float]:
         seen.update(pairs)
         if words:
             rates.append(1.0 - len(set(words)) / len(words))
+    lengths = [len(t.split()) for t in items]
     return {"distinct_2": len(seen) / bigrams if bigrams else math.nan,
-            "repeat_rate": sum(rates) / len(rates) if rates else math.nan}
+            "repeat_rate": sum(rates) / len(rates) if rates else math.nan,
+            "mean_words": sum(lengths) / len(lengths) if lengths else math.nan}
