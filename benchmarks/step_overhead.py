@@ -21,8 +21,9 @@ the shapes, backward = 2 × forward, the fused pass's recomputed projections inc
 ``overhead_vs_flop_bound`` = (measured − 1) / (predicted − 1): how much more the extra work costs
 than its FLOPs say (elementwise passes over ``[tokens, V]``, the reference's memory traffic).
 
-Time: the variants run interleaved (sft, acft, acft_unfused, sft, ...) after warm-up steps, in
-one process, and the medians are compared. Memory: on CPU each variant runs in a fresh
+Time: the variants run interleaved (sft, acft, acft_unfused, acft_ref, sft, ...) after warm-up
+steps, on one model in one process (the loss chunk and the regularizer switched per step), and
+the medians are compared. Memory: on CPU each variant runs in a fresh
 subprocess, which reports its peak resident set (``VmHWM``) over its steps and the RSS just
 before them. ``peak_mem_ratio`` compares the whole-process peaks and ``step_mem_ratio`` the
 memory the step adds on top of the model. On GPU ``torch.cuda.max_memory_allocated`` is used.
@@ -115,16 +116,25 @@ def _sync(device):
 
 
 def time_variants(size, device, dtype, repeats, warmup):
-    built = {v: build(size, v, device, dtype) for v in VARIANTS}  # all alive: interleaved
+    """Medians of interleaved steps of every variant on ONE model (the variants differ only in
+    the regularizer passed and the loss chunk, switched per step; the reference is loaded once):
+    one model's memory, so that the largest shapes fit, and the same weights' state for all."""
+    model, optimizer, params, data = build(size, "acft_ref", device, dtype)
+    chunk = model.module.nado_config.loss_chunk_tokens
+
+    def one(v):
+        model.module.nado_config.loss_chunk_tokens = 0 if v == "acft_unfused" else chunk
+        step(model, optimizer, params, data, v)
+
     times = {v: [] for v in VARIANTS}
     for _ in range(warmup):
         for v in VARIANTS:
-            step(*built[v], v)
+            one(v)
     for _ in range(repeats):
         for v in VARIANTS:
             _sync(device)
             t = time.perf_counter()
-            step(*built[v], v)
+            one(v)
             _sync(device)
             times[v].append(time.perf_counter() - t)
     return {v: statistics.median(ts) for v, ts in times.items()}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Detoxify a GPT on real text with an oracle trained from a labelled file you point to.
 #
-#   bash examples/detox_real_data.sh DATA_DIR [RUN_DIR]      # ~20 min on 2 CPU cores
+#   bash examples/detox_real_data.sh DATA_DIR [RUN_DIR]      # ~15-20 min on 2 CPU cores
 #
 # DATA_DIR holds wikitext-2/{valid,test}.txt, toxigen_seeds/{hate,neutral}_<group>.txt and
 # davidson_hate_offensive/labeled_data.csv (see docs/example.md). Steps:

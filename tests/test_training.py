@@ -436,7 +436,8 @@ def test_bad_configs_fail_before_anything_is_written(tmp_path, cache):
         (["data.source=files", "data.train_file=/nonexistent.jsonl"],
          "config data.train_file='/nonexistent.jsonl': expected an existing file"),
         (["model.acft.delta=1.5"], "config model.acft.delta=1.5: expected null or a number"),
-        (["model.acft.min_z=0.99"], "config model.acft.min_z=0.99: expected a number in [0, "),
+        (["model.acft.delta=0.95", "model.acft.min_z=0.99"],
+         "config model.acft.min_z=0.99: expected a number in [0, "),
         (["model.global_batch_size=15", "trainer.devices=2"],
          "config model.global_batch_size=15: expected a multiple of the LM group's data "
          "parallel size 2"),
