@@ -30,15 +30,29 @@ def tiny_llama(out: Path, *, vocab: int = 1000, tied: bool = False, seed: int = 
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     out.mkdir(parents=True, exist_ok=True)
-    tk = Tokenizer(models.BPE(unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  min_frequency=1)
-    tk.train_from_iterator(corpus(), trainer=trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>",
-                                  eos_token="</s>")
+    if sentencepiece:  # Llama 1/2 style: tokenizer.model (SentencePiece), read by LlamaTokenizer
+        import io
+
+        import sentencepiece as spm
+        from transformers import LlamaTokenizer
+
+        buf = io.BytesIO()
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus()), model_writer=buf,
+                                       vocab_size=vocab, model_type="bpe", unk_id=0, bos_id=1,
+                                       eos_id=2, pad_id=-1, hard_vocab_limit=False,
+                                       num_threads=1, minloglevel=2)
+        (out / "tokenizer.model").write_bytes(buf.getvalue())
+        tok = LlamaTokenizer(vocab_file=str(out / "tokenizer.model"), legacy=True)
+    else:
+        tk = Tokenizer(models.BPE(unk_token="<unk>"))
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      min_frequency=1)
+        tk.train_from_iterator(corpus(), trainer=trainer)
+        tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>",
+                                      eos_token="</s>")
     tok.save_pretrained(str(out))
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=160,

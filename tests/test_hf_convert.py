@@ -57,10 +57,11 @@ def hf_forward(folder, ids):
         return model(ids).logits
 
 
-def hf_ids(folder):
+def hf_ids(folder, **kw):
     from transformers import AutoTokenizer
 
-    return torch.tensor([AutoTokenizer.from_pretrained(str(folder)).encode(TEXT)])
+    tok = AutoTokenizer.from_pretrained(str(folder), **kw)
+    return torch.tensor([tok.encode(TEXT, add_special_tokens=False)])
 
 
 def _stock_worker(rank, world, nemo_path, ids):
@@ -192,3 +193,29 @@ def test_tied_embeddings_both_ways(tmp_path):
     assert (z[..., :ref.shape[-1]] - ref).abs().max().item() < TOL
     assert (hf_forward(back, ids) - ref).abs().max().item() < TOL
     assert json.loads((back / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+def test_sentencepiece_tokenizer_both_ways(tmp_path):
+    """A Llama-2-style folder (SentencePiece ``tokenizer.model``, no ``tokenizer.json``): the
+    model file goes inside the .nemo (NeMo's sentencepiece library), NeMo's ids are the HF
+    tokenizer's, and it comes back out as a tokenizer.model the HF folder loads (slow: this
+    stack's protobuf cannot run the slow-to-fast conversion)."""
+    from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import MegatronGPTModel
+
+    hf = tiny_llama(tmp_path / "sp", vocab=600, seed=2, sentencepiece=True)
+    nemo_path, back = tmp_path / "sp.nemo", tmp_path / "back"
+    r = convert("hf-to-nemo", "--hf", hf, "--out", nemo_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = MegatronGPTModel.restore_from(str(nemo_path), return_config=True)
+    assert cfg.tokenizer.library == "sentencepiece" and cfg.tokenizer.model.startswith("nemo:")
+    assert not nemo_path.with_name("sp.tokenizer").exists()
+    ids = hf_ids(hf, use_fast=False)
+    ref = hf_forward(hf, ids)
+    (z, nemo_ids, _), = run_workers(_stock_worker, 1, str(nemo_path), ids)
+    assert nemo_ids == ids[0].tolist()
+    assert (z[..., :ref.shape[-1]] - ref).abs().max().item() < TOL
+    r = convert("nemo-to-hf", "--nemo", nemo_path, "--out", back)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (back / "tokenizer.model").read_bytes() == (hf / "tokenizer.model").read_bytes()
+    assert hf_ids(back, use_fast=False).tolist() == ids.tolist()
+    assert (hf_forward(back, ids) - ref).abs().max().item() < TOL

@@ -245,13 +245,21 @@ def check_llama_nemo(cfg, path) -> None:
 # --- the tokenizer ---------------------------------------------------------------------------
 
 
-def hf_tokenizer_config(hf_dir: Path, out: Path) -> Dict[str, Any]:
+def hf_tokenizer_config(hf_dir: Path, out: Path):
     """The ``.nemo``'s tokenizer config for the HF folder's tokenizer (see the module
-    docstring); a ``tokenizer.json``-only tokenizer is copied to ``<out>.tokenizer/``."""
+    docstring) and the HF tokenizer itself; a ``tokenizer.json``-only tokenizer is copied to
+    ``<out>.tokenizer/`` by :func:`hf_to_nemo`. A SentencePiece folder without ``tokenizer.json``
+    loads as the slow tokenizer when the fast conversion cannot run (it needs a protobuf that
+    matches sentencepiece's generated code)."""
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(hf_dir))
+        try:
+            tok = AutoTokenizer.from_pretrained(str(hf_dir))
+        except Exception:  # noqa: BLE001 - e.g. the slow-to-fast conversion's protobuf
+            if not (hf_dir / "tokenizer.model").is_file():
+                raise
+            tok = AutoTokenizer.from_pretrained(str(hf_dir), use_fast=False)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds here
         raise ConversionError(f"--hf {hf_dir}: no tokenizer AutoTokenizer loads ({e})") from e
     if (hf_dir / "tokenizer.model").is_file():
@@ -278,7 +286,8 @@ def save_hf_tokenizer(nemo_tokenizer, out: Path) -> None:
 
         spm = out / "tokenizer.model"
         spm.write_bytes(inner.serialized_model_proto())
-        LlamaTokenizer(vocab_file=str(spm), legacy=False).save_pretrained(str(out))
+        # legacy=True: plain SentencePiece encoding, as NeMo's SentencePieceTokenizer encodes
+        LlamaTokenizer(vocab_file=str(spm), legacy=True).save_pretrained(str(out))
         return
     raise ConversionError(f"the .nemo's tokenizer ({type(nemo_tokenizer).__name__}) cannot be "
                           "written as a Hugging Face tokenizer")
@@ -296,15 +305,10 @@ def hf_to_nemo(hf_dir: str, out: str, *, tp: int = 1, seq_length: Optional[int] 
     """Convert an HF Llama-family folder into a ``.nemo`` (stock ``MegatronGPTModel``'s);
     ``tp`` is the largest tensor-parallel size it will be trained at (checked; the vocabulary is
     padded for it). In a world of one process (it initialises one when there is none)."""
-    from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import MegatronGPTModel
-    from omegaconf import OmegaConf
-
     from nemo_acft import config as schema
     from nemo_acft.config import Layout
     from nemo_acft.cpu_compat import apply_nemo
-    from nemo_acft.models.build import make_trainer, with_layout
     from nemo_acft.models.checkpoint import _in_process_results_queue
-    from nemo_acft.models.parallel import init_distributed
 
     src, dst = Path(hf_dir), Path(out)
     if not dst.name.endswith(".nemo"):
@@ -312,7 +316,7 @@ def hf_to_nemo(hf_dir: str, out: str, *, tp: int = 1, seq_length: Optional[int] 
     hf = read_hf_config(src)
     files = hf_weight_files(src)
     tok_cfg, tok = hf_tokenizer_config(src, dst)
-    vocab = len(tok)
+    vocab = len(tok)  # NeMo's tokenizers count the same way (checked by the tests)
     if hf["vocab_size"] < vocab:
         raise ConversionError(f"{src / 'config.json'}: vocab_size {hf['vocab_size']} < the "
                               f"tokenizer's {vocab} tokens (ids without an embedding row)")
@@ -340,6 +344,22 @@ def hf_to_nemo(hf_dir: str, out: str, *, tp: int = 1, seq_length: Optional[int] 
         tok_cfg_build = tok_cfg
     apply_nemo()  # NeMo's CPU patches (a no-op with CUDA)
     _in_process_results_queue()  # before NeMo's first checkpoint save (see there)
+    try:
+        _build_and_save(cfg, tok_cfg, tok_cfg_build, sd, hf, src, dst, folder_tmp)
+    finally:
+        if folder_tmp is not None and folder_tmp.exists():
+            shutil.rmtree(folder_tmp, ignore_errors=True)
+    return dst
+
+
+def _build_and_save(cfg, tok_cfg, tok_cfg_build, sd, hf, src: Path, dst: Path, folder_tmp):
+    """NeMo builds the model, the mapped weights go in, ``save_to`` writes it (renamed last)."""
+    from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import MegatronGPTModel
+    from omegaconf import OmegaConf
+
+    from nemo_acft.models.build import make_trainer, with_layout
+    from nemo_acft.models.parallel import init_distributed
+
     init_distributed(tp=1, pp=1, seed=1234)
     model_cfg = with_layout(OmegaConf.create({**cfg, "tokenizer": tok_cfg_build}), 1, 1)
     trainer = make_trainer(devices=1, precision=model_cfg.precision, gradient_clip_val=None)
@@ -358,13 +378,16 @@ def hf_to_nemo(hf_dir: str, out: str, *, tp: int = 1, seq_length: Optional[int] 
         OmegaConf.set_struct(with_cfg, False)
         with_cfg.tokenizer.type = tok_cfg["type"]
     tmp = _tmp_name(dst)
-    model.save_to(str(tmp))
+    try:
+        model.save_to(str(tmp))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     if folder_tmp is not None:
         final = tokenizer_folder(dst)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(folder_tmp, final)
     os.replace(tmp, dst)
-    return dst
 
 
 def nemo_to_hf(nemo: str, out: str, *, dtype: str = "float32") -> Path:
