@@ -105,7 +105,7 @@ def hf_weight_files(hf_dir: Path) -> List[Path]:
 
 
 def load_hf_state_dict(files: List[Path]) -> Dict[str, torch.Tensor]:
-    """All tensors of the weight files (safetensors memory-mapped)."""
+    """All tensors of the weight files, read into memory (the whole checkpoint at once)."""
     out: Dict[str, torch.Tensor] = {}
     for f in files:
         if f.suffix == ".safetensors":
@@ -150,17 +150,22 @@ def nemo_config(hf: Dict[str, Any], tokenizer_cfg: Dict[str, Any], *, seq_length
     }
 
 
-def padded_vocab(vocab: int, divisible_by: int, tp: int) -> int:
-    """Megatron's padded vocabulary (NeMo's ``_vocab_size_with_padding``)."""
-    m = divisible_by * tp
-    return ((vocab + m - 1) // m) * m
-
-
 # --- the weight mapping --------------------------------------------------------------------
 
 
 def _te_style(keys) -> bool:
     return any(k.endswith("linear_qkv.layer_norm_weight") for k in keys)
+
+
+def _copied(te: bool):
+    """(HF, megatron-core) suffixes of a layer's tensors that map one to one; the norms' names
+    depend on the spec (TE fuses them into the next linear layer)."""
+    return (("self_attn.o_proj.weight", "self_attention.linear_proj.weight"),
+            ("mlp.down_proj.weight", "mlp.linear_fc2.weight"),
+            ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight" if te
+             else "input_layernorm.weight"),
+            ("post_attention_layernorm.weight", "mlp.linear_fc1.layer_norm_weight" if te
+             else "pre_mlp_layernorm.weight"))
 
 
 def hf_to_mcore(sd: Dict[str, torch.Tensor], hf: Dict[str, Any], target_keys,
@@ -190,14 +195,10 @@ def hf_to_mcore(sd: Dict[str, torch.Tensor], hf: Dict[str, Any], target_keys,
         k = sd[p + "self_attn.k_proj.weight"].view(nkv, 1, d, h)
         v = sd[p + "self_attn.v_proj.weight"].view(nkv, 1, d, h)
         out[m + "self_attention.linear_qkv.weight"] = torch.cat([q, k, v], 1).reshape(-1, h)
-        out[m + "self_attention.linear_proj.weight"] = sd[p + "self_attn.o_proj.weight"]
         out[m + "mlp.linear_fc1.weight"] = torch.cat([sd[p + "mlp.gate_proj.weight"],
                                                       sd[p + "mlp.up_proj.weight"]], 0)
-        out[m + "mlp.linear_fc2.weight"] = sd[p + "mlp.down_proj.weight"]
-        ln1 = "self_attention.linear_qkv.layer_norm_weight" if te else "input_layernorm.weight"
-        ln2 = "mlp.linear_fc1.layer_norm_weight" if te else "pre_mlp_layernorm.weight"
-        out[m + ln1] = sd[p + "input_layernorm.weight"]
-        out[m + ln2] = sd[p + "post_attention_layernorm.weight"]
+        for hf_key, mc_key in _copied(te):
+            out[m + mc_key] = sd[p + hf_key]
     return out
 
 
@@ -219,14 +220,10 @@ def mcore_to_hf(sd: Dict[str, torch.Tensor], cfg, vocab: int) -> Dict[str, torch
         out[p + "self_attn.q_proj.weight"] = qkv[:, : nq // nkv].reshape(-1, h)
         out[p + "self_attn.k_proj.weight"] = qkv[:, -2].reshape(-1, h)
         out[p + "self_attn.v_proj.weight"] = qkv[:, -1].reshape(-1, h)
-        out[p + "self_attn.o_proj.weight"] = sd[m + "self_attention.linear_proj.weight"]
         gate, up = sd[m + "mlp.linear_fc1.weight"].chunk(2, 0)
         out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
-        out[p + "mlp.down_proj.weight"] = sd[m + "mlp.linear_fc2.weight"]
-        ln1 = "self_attention.linear_qkv.layer_norm_weight" if te else "input_layernorm.weight"
-        ln2 = "mlp.linear_fc1.layer_norm_weight" if te else "pre_mlp_layernorm.weight"
-        out[p + "input_layernorm.weight"] = sd[m + ln1]
-        out[p + "post_attention_layernorm.weight"] = sd[m + ln2]
+        for hf_key, mc_key in _copied(te):
+            out[p + hf_key] = sd[m + mc_key]
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
