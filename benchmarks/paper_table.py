@@ -50,6 +50,7 @@ import math
 import os
 import random
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -408,8 +409,8 @@ def point_world(cfg: Dict[str, Any], method: str, knob: Optional[float], out_dir
 def table(results: Dict[str, Dict[str, Any]]) -> str:
     """The markdown table, rows as the paper's."""
     lines = ["| method | toxic share ↓ | EMT ↓ | toxicity prob. ↓ | perplexity ↓ | "
-             "oracle's toxic share | distinct-2 | repeat rate | probe acc. |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "oracle's toxic share | distinct-2 | repeat rate | words | probe acc. |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for m in METHODS:
         r = results.get(m)
         if r is None:
@@ -417,7 +418,7 @@ def table(results: Dict[str, Dict[str, Any]]) -> str:
         lines.append(f"| {LABELS[m]} | {r['toxic_share']:.3f} | {r['emt']:.3f} | "
                      f"{r['tox_prob']:.3f} | {r['ppl']:.2f} | {r['oracle_toxic_share']:.3f} | "
                      f"{r['distinct_2']:.3f} | {r['repeat_rate']:.3f} | "
-                     f"{r['probe_accuracy']:.3f} |")
+                     f"{r.get('mean_words', math.nan):.1f} | {r['probe_accuracy']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -430,13 +431,13 @@ def variant_name(p: Dict[str, Any]) -> str:
 def ablation_table(main: Optional[Dict[str, Any]], ablated: List[Dict[str, Any]]) -> str:
     """Ours w/ adaptive at its main λ, and with each ablated choice."""
     lines = ["| ours w/ adaptive, changed | toxic share ↓ | perplexity ↓ | distinct-2 | "
-             "repeat rate | NADO ECE | H(p) | H(q) | mean abs ΔZ | gated share |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "repeat rate | words | NADO ECE | H(p) | H(q) | mean abs ΔZ | gated share |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = ([("(the defaults)", main)] if main else []) + [(variant_name(p), p) for p in ablated]
     for name, r in rows:
         lines.append(f"| {name} | {r['toxic_share']:.3f} | {r['ppl']:.2f} | "
                      f"{r['distinct_2']:.3f} | {r['repeat_rate']:.3f} | "
-                     f"{r.get('nado_ece', math.nan):.3f} | "
+                     f"{r.get('mean_words', math.nan):.1f} | {r.get('nado_ece', math.nan):.3f} | "
                      + " | ".join(f"{r.get(k, math.nan):.3f}" for k in (
                          "diag_entropy_p", "diag_entropy_q", "diag_delta_z", "diag_gated_share"))
                      + " |")
@@ -509,6 +510,58 @@ def checks(results: Dict[str, Dict[str, Any]], points: List[Dict[str, Any]]) -> 
     return out
 
 
+# --- seeds: mean ± sd of several runs' results.json --------------------------------------------
+
+SEED_KEYS = ("toxic_share", "ppl", "distinct_2", "repeat_rate", "mean_words")
+#: the issue's acceptance, as ratios of the seeds' means to the plain fine-tune's:
+#: (key, bound, "<=" | ">=") per method
+ACCEPT = {"nado_decoding": [("toxic_share", 0.7, "<="), ("distinct_2", 0.9, ">=")],
+          "acft_adaptive": [("toxic_share", 0.65, "<="), ("ppl", 1.05, "<="),
+                            ("distinct_2", 0.9, ">="), ("repeat_rate", 1.2, "<=")]}
+
+
+def combine_seeds(runs: List[Dict[str, Any]]) -> Tuple[str, Dict[str, Any]]:
+    """Mean ± sample sd over seeds of each method's figures, the ratio of the means to the plain
+    fine-tune's, and the acceptance of :data:`ACCEPT` on those ratios. ``runs``: the
+    ``results.json`` of each seed (a method missing from a seed is averaged over the others;
+    its ``n`` says how many)."""
+    seeds = [r.get("_run", {}).get("seed") for r in runs]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--combine: seeds {seeds} repeat; expected one results.json per seed")
+    stats: Dict[str, Any] = {}
+    for m in METHODS:
+        have = [r[m] for r in runs if m in r]
+        if not have:
+            continue
+        st: Dict[str, Any] = {"n": len(have)}
+        for k in SEED_KEYS:
+            xs = [float(x[k]) for x in have if k in x and x[k] is not None]
+            if xs:
+                st[k] = statistics.fmean(xs)
+                st[k + "_sd"] = statistics.stdev(xs) if len(xs) > 1 else math.nan
+        stats[m] = st
+    base = stats.get("baseline")
+    if base is None:
+        raise SystemExit("--combine: no seed has the baseline row")
+    lines = ["| method | seeds | toxic share ↓ | × base | perplexity ↓ | × base | distinct-2 | "
+             "× base | repeat rate | × base | words |", "|---" * 11 + "|"]
+    checks: Dict[str, Any] = {}
+    for m, st in stats.items():
+        ratio = {k: st[k] / base[k] if k in st and base.get(k) else math.nan for k in SEED_KEYS}
+        st["vs_baseline"] = ratio
+        cell = lambda k, f: (f"{st[k]:{f}} ± {st[k + '_sd']:{f}}" if k in st else "–")  # noqa: E731
+        lines.append(f"| {LABELS[m]} | {st['n']} | {cell('toxic_share', '.3f')} | "
+                     f"{ratio['toxic_share']:.2f} | {cell('ppl', '.1f')} | {ratio['ppl']:.2f} | "
+                     f"{cell('distinct_2', '.3f')} | {ratio['distinct_2']:.2f} | "
+                     f"{cell('repeat_rate', '.3f')} | {ratio['repeat_rate']:.2f} | "
+                     f"{cell('mean_words', '.1f')} |")
+        if m in ACCEPT:
+            checks[m] = {f"{k}_{op}_{b:g}x": (ratio[k] <= b if op == "<=" else ratio[k] >= b)
+                         for k, b, op in ACCEPT[m]}
+            checks[m]["seeds"] = st["n"]
+    return "\n".join(lines) + "\n", {"seeds": seeds, "methods": stats, "checks": checks}
+
+
 # --- main ------------------------------------------------------------------------------------
 
 
@@ -547,7 +600,26 @@ def main(argv=None) -> Dict[str, Any]:
                          "baseline is always evaluated")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--workers", type=int, default=2, help="points trained at the same time")
+    ap.add_argument("--combine", nargs="+", default=None, metavar="RESULTS_JSON",
+                    help="no training: mean ± sd over these seeds' results.json, written to "
+                         "--out as seeds.md / seeds.json")
     args = ap.parse_args(argv)
+    if args.combine:
+        runs = []
+        for f in args.combine:
+            try:
+                runs.append(json.loads(Path(f).read_text()))
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"--combine {f}: not a readable results.json ({e})")
+        md, summary = combine_seeds(runs)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_write(out / "seeds.md") as fh:
+            fh.write(md)
+        with atomic_write(out / "seeds.json") as fh:
+            json.dump(summary, fh, indent=1)
+        print(md + f"[paper_table] checks: {json.dumps(summary['checks'])}")
+        return summary
     if not args.data_dir:
         raise SystemExit("--data-dir is required (or set ACFT_DATA_DIR)")
     from nemo_acft.algorithms.phases import PHASES
@@ -630,7 +702,7 @@ def main(argv=None) -> Dict[str, Any]:
         if p["knob"] is None or p["knob"] == MAIN.get(p["method"]):
             results[p["method"]] = {k: p[k] for k in (
                 "toxic_share", "emt", "tox_prob", "ppl", "oracle_toxic_share", "probe_accuracy",
-                "distinct_2", "repeat_rate",
+                "distinct_2", "repeat_rate", "mean_words",
                 "knob", "knob_name", "num_prompts", "num_samples", "num_failed", "train_s",
                 "eval_s")}
             results[p["method"]].update({k: v for k, v in p.items()

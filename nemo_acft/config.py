@@ -130,6 +130,7 @@ def validate(cfg: Dict[str, Any]) -> None:
     need("model.acft.sample_lambda", lambda v: v is None or (_is_num(v) and v >= 0),
          "null (= model.acft.lambda) or a number >= 0")
     need("model.acft.nado_head.fp32", lambda v: isinstance(v, bool), "true or false")
+    need("model.acft.nado_head.compile_loss", lambda v: isinstance(v, bool), "true or false")
     e = a["exchange"]
     for key in ("timeout_s", "handshake_timeout_s", "heartbeat_s", "heartbeat_timeout_s"):
         need(f"model.acft.exchange.{key}", lambda v: _is_num(v) and v > 0, "a number > 0")

@@ -102,11 +102,13 @@ def test_layouts_step_like_tp1(tp1_steps, tp, pp, world):
                                    msg=key)
 
 
-def _reference_worker(rank, world):
+def _reference_worker(rank, world, compile_loss=False):
     """The step's loss and gradient against float64 from the raw logits."""
     from nemo_acft.models.objectives import LMLoss, Regularizer
 
-    m = build()
+    m = build(acft={"nado_head": {"num_layers": 1, "fp32": False, "loss_chunk_tokens": 256,
+                                  "compile_loss": compile_loss}})
+    assert m.module.nado_config.compile_loss is compile_loss
     same_weights_for_any_split(m.module, 1)
     m.configure_training("trunk", m.cfg.optim, max_steps=10)
     b = corpus_batch(seed=3)
@@ -139,14 +141,20 @@ def _reference_worker(rank, world):
         handle.remove()
     h = hidden["h"].transpose(0, 1).double()  # [b, s, hidden]
     ref_w = torch.einsum("bsv,bsh->vh", z.grad, h)
+    from nemo_acft.nado.fused import _COMPILED
+
     return {"loss": out_metrics["lm_loss"] + out_metrics["penalty"], "ref": float(loss),
+            "compiled": len(_COMPILED),
             "gated_share": out_metrics["gated_share"],
             "ref_gated": float(((1 - gate) * mask).sum() / mask.sum()),
             "w_grad": w_grad, "ref_w_grad": ref_w}
 
 
-def test_lm_step_equals_float64_reference():
-    (out,) = run_workers(_reference_worker, 1)
+@pytest.mark.parametrize("compile_loss", [False, True])
+def test_lm_step_equals_float64_reference(compile_loss):
+    """The model's step (the fused pass; with ``compile_loss`` its torch.compile-d chunks)."""
+    (out,) = run_workers(_reference_worker, 1, compile_loss)
+    assert out["compiled"] == (2 if compile_loss else 0)  # forward and backward chunk
     assert out["loss"] == pytest.approx(out["ref"], rel=1e-5)
     assert out["gated_share"] == pytest.approx(out["ref_gated"], abs=1e-6)
     assert 0.0 < out["ref_gated"] < 1.0  # both gates act on some positions, not all

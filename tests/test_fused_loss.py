@@ -32,9 +32,9 @@ def _reference(z, s, y):
     return ce, kl, log_z, log_p.exp(), log_q.exp()
 
 
-def _fused_grad(z, s, y, g_ce, g_kl, chunk, tp_group=None):
+def _fused_grad(z, s, y, g_ce, g_kl, chunk, tp_group=None, compile=False):
     z = z.clone().requires_grad_(True)
-    ce, kl, log_z = fused_ce_kl(z, s, y, tp_group, chunk_tokens=chunk)
+    ce, kl, log_z = fused_ce_kl(z, s, y, tp_group, chunk_tokens=chunk, compile=compile)
     ((ce * g_ce.to(ce.dtype)).sum() + (kl * g_kl.to(kl.dtype)).sum()).backward()
     return ce.detach(), kl.detach(), log_z, z.grad
 
@@ -254,3 +254,27 @@ def test_reference_kl_tp2_equals_brute_force():
                                        atol=1e-5)
         grad = torch.cat([two[0][path]["grad"], two[1][path]["grad"]], -1)
         torch.testing.assert_close(grad.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_chunks_equal_float64_formulas_at_ordinary_and_extreme_logits():
+    """``compile=True`` (the chunk's forward and backward as torch.compile-d functions) against
+    the float64 formulas: ordinary logits, then the extremes of the eager test (±1e4 logits,
+    R ≈ 0 and ≈ 1, a token ruled out), a remainder chunk included (8 tokens in chunks of 6)."""
+    z, s, y, g_ce, g_kl = _inputs(n=8, v=40, scale=1.0, seed=3)
+    z[0] *= 1e4
+    s[1] = -1e4 + s[1]
+    s[2] = 1e4 + s[2]
+    s[3, 5] = float("-inf")
+    z[4, y[4]] = -1e4
+    z[6:] *= 3.0  # two ordinary rows
+    ce, kl, log_z, grad = _fused_grad(z, s, y, g_ce, g_kl, chunk=6, compile=True)
+    assert torch.isfinite(ce).all() and torch.isfinite(kl).all() and torch.isfinite(grad).all()
+    r_ce, r_kl, r_log_z, p, q = _reference(z, s, y)
+    torch.testing.assert_close(ce.double(), r_ce, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(kl.double(), r_kl, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(log_z.double(), r_log_z, rtol=1e-5, atol=1e-4)
+    onehot = F.one_hot(y, z.shape[-1]).double()
+    expected = g_ce[:, None] * (p - onehot) + g_kl[:, None] * (p - q)
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-4, atol=1e-5)
+    from nemo_acft.nado.fused import _COMPILED, _bwd_chunk_tp1, _fwd_chunk_tp1
+    assert {_fwd_chunk_tp1, _bwd_chunk_tp1} <= set(_COMPILED)  # the compiled path ran

@@ -106,3 +106,27 @@ def test_only_points_parse_and_refuse_unknown_names():
                      ("acft@1+gates=maybe", "variant 'gates=maybe' is not one of")):
         with pytest.raises(SystemExit, match=re.escape(msg)):
             parse_points(bad)
+
+
+def test_combine_seeds_by_hand():
+    """Mean ± sd and the ratios of the means, against numbers worked out by hand."""
+    from benchmarks.paper_table import combine_seeds
+
+    def run(seed, base_tox, ours_tox, ours_rr):
+        row = lambda t, rr: {"toxic_share": t, "ppl": 100.0, "distinct_2": 0.5,  # noqa: E731
+                             "repeat_rate": rr, "mean_words": 12.0}
+        return {"baseline": row(base_tox, 0.05), "acft_adaptive": row(ours_tox, ours_rr),
+                "_run": {"seed": seed}}
+
+    md, s = combine_seeds([run(1, 0.6, 0.2, 0.05), run(2, 0.4, 0.4, 0.08)])
+    base, ours = s["methods"]["baseline"], s["methods"]["acft_adaptive"]
+    assert base["toxic_share"] == pytest.approx(0.5) and base["n"] == 2
+    assert base["toxic_share_sd"] == pytest.approx(0.1414213562, rel=1e-8)  # sample sd
+    assert ours["vs_baseline"]["toxic_share"] == pytest.approx(0.3 / 0.5)
+    assert ours["vs_baseline"]["repeat_rate"] == pytest.approx(1.3)
+    c = s["checks"]["acft_adaptive"]
+    assert c["toxic_share_<=_0.65x"] and c["ppl_<=_1.05x"] and c["distinct_2_>=_0.9x"]
+    assert not c["repeat_rate_<=_1.2x"]  # 0.065 / 0.05 = 1.3
+    assert "0.300 ± 0.141" in md
+    with pytest.raises(SystemExit, match="repeat"):
+        combine_seeds([run(1, 0.6, 0.2, 0.05), run(1, 0.4, 0.4, 0.07)])

@@ -41,16 +41,23 @@ class NADOHeadConfig:
         loss_chunk_tokens: the training loss (CE + KL) with labels: tokens per chunk of the
             fused pass (:func:`nemo_acft.nado.fused.fused_ce_kl`); 0 = the unfused path
             (``cross_entropy`` and ``closed_form_kl`` under autograd).
+        compile_loss: ``torch.compile`` each chunk of the fused pass (TP = 1, ``reference:
+            current``; elsewhere the eager pass): its elementwise work fused, at a one-off
+            compile of tens of seconds per process (``benchmarks/fused_pass.py``).
     """
 
     num_layers: int = 0
     fp32: bool = False
     loss_chunk_tokens: int = 256
+    compile_loss: bool = False
 
     def __post_init__(self):
         if self.num_layers < 0 or self.loss_chunk_tokens < 0:
             raise ValueError(f"nado_head num_layers={self.num_layers}, loss_chunk_tokens="
                              f"{self.loss_chunk_tokens}: expected integers >= 0")
+        if not isinstance(self.compile_loss, bool):
+            raise ValueError(f"nado_head compile_loss={self.compile_loss!r}: expected true or "
+                             f"false")
 
 
 class TokenLosses(NamedTuple):
@@ -257,10 +264,12 @@ class GPTNADOModel(GPTModel):
         if project_in_loss:  # one pass, shared logsumexp, hand-written backward
             lm_loss, kl, log_z = fused_ce_kl_from_hidden(
                 lm_logits, nado_logits, self.nado_head.output_layer.weight,
-                labels.transpose(0, 1), tp_group(), chunk)
+                labels.transpose(0, 1), tp_group(), chunk,
+                compile=self.nado_config.compile_loss)
         elif chunk > 0:
             lm_loss, kl, log_z = fused_ce_kl(lm_logits, nado_logits, labels.transpose(0, 1),
-                                             tp_group(), chunk)
+                                             tp_group(), chunk,
+                                             compile=self.nado_config.compile_loss)
         else:
             kl, log_z = closed_form_kl(lm_logits, nado_logits, tp_group(), return_log_z=True)
             lm_loss = cross_entropy(lm_logits, labels.transpose(0, 1), tp_group())
