@@ -6,8 +6,8 @@ groups, against writing and reading the same bytes once, in the same run.
 
 A hand-over is what the schedules do (:class:`~nemo_acft.algorithms.exchange.ArtifactStore`):
 the writer ``publish``es the part (megatron ``dist_checkpointing`` save of the part's sharded state
-dict into a temporary directory, SHA-256 of every file into the manifest, rename), the reader
-``verify``s it (manifest and every file's SHA-256) and ``load_part``s it into its model (a
+dict into a temporary directory, the xxh3-128 digest of every file into the manifest, rename),
+the reader ``verify``s it (manifest and every file's digest) and ``load_part``s it into its model (a
 ``dist_checkpointing`` load, resharded where the layouts differ). The file-system bound beside it:
 the artifact's files, already in memory, written to new files (``write`` + ``fsync``) and read
 back once, the same bytes in the same run. ``exchange_vs_fs_bound`` is the hand-over's time over

@@ -5,7 +5,7 @@ data-parallel size."""
 import torch
 import torch.nn.functional as F
 
-from nemo_acft.models.generate import SamplingParams, filter_logits
+from nemo_acft.models.generate import SamplingParams, filter_logits, sample_filtered
 from tests.dist_utils import run_workers
 
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]
@@ -129,6 +129,32 @@ def test_filter_logits_by_hand():
     assert (~filter_logits(logits, top_p=0.5).isinf()).tolist() == [[True, False, False, False, False]]
     assert filter_logits(logits, top_k=0, top_p=1.0).eq(logits).all()
     assert inf not in filter_logits(logits, top_k=5).tolist()[0]
+
+
+def test_sample_filtered_draws_the_nucleus_by_hand():
+    """top-k / top-p draws: frequencies and returned log-probs against the filtered
+    distribution written out by hand (kept set by cumulative mass, renormalised), ties at the
+    k-th kept."""
+    p = torch.tensor([0.30, 0.05, 0.20, 0.15, 0.10, 0.10, 0.05, 0.05])
+    logits = p.log().expand(20000, 8).contiguous()
+    cases = {  # (top_k, top_p) -> the filtered distribution by hand
+        (0, 0.6): {0: 0.30, 2: 0.20, 3: 0.15},  # 0.30 + 0.20 < 0.6, then 0.65 stops
+        (0, 1.0): dict(enumerate(p.tolist())),
+        (5, 1.0): {0: 0.30, 2: 0.20, 3: 0.15, 4: 0.10, 5: 0.10},
+        (4, 0.9): {0: 0.30, 2: 0.20, 3: 0.15, 4: 0.10, 5: 0.10},  # the 4th ties the 5th
+        (2, 0.7): {0: 0.30, 2: 0.20},  # renormalised 0.6 + 0.4: the nucleus keeps both
+        (2, 0.6): {0: 0.30},  # … but not at 0.6: the mass before the 2nd already reaches it
+    }
+    for (k, top_p), kept in cases.items():
+        want = torch.zeros(8, dtype=torch.float64)
+        for i, x in kept.items():
+            want[i] = x
+        want /= want.sum()
+        ids, lp = sample_filtered(logits, k, top_p, torch.Generator().manual_seed(3))
+        freq = torch.bincount(ids, minlength=8).double() / len(ids)
+        assert set(ids.unique().tolist()) == set(kept), (k, top_p)
+        assert (freq - want).abs().max() < 0.015, (k, top_p, freq, want)
+        torch.testing.assert_close(lp.double(), want[ids].log(), rtol=0, atol=1e-5)
 
 
 def test_sampling_params_validation():

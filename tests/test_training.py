@@ -16,7 +16,6 @@ The runs are driven from the test process (tests/run_utils.py: Hydra composes th
 as a subprocess.
 """
 
-import hashlib
 import json
 import os
 import random
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 
 from tests.dist_utils import run_workers
 from tests.run_utils import cli, compose, drive
@@ -61,7 +61,7 @@ def _manifest(run_dir, kind, k, store="exchange"):
 def _checksums_hold(run_dir, kind, k):
     m = _manifest(run_dir, kind, k)
     root = Path(run_dir) / "exchange" / kind / f"iter_{k:06d}"
-    return all(hashlib.sha256((root / name).read_bytes()).hexdigest() == meta["sha256"]
+    return all(xxhash.xxh3_128((root / name).read_bytes()).hexdigest() == meta["xxh3_128"]
                for name, meta in m["files"].items())
 
 

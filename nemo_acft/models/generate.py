@@ -15,7 +15,7 @@ so all ranks produce identical tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -88,6 +88,30 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def sample_filtered(logits: torch.Tensor, top_k: int, top_p: float,
+                    generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One token per row from ``softmax(filter_logits(logits, top_k, top_p))``, and its
+    log-probability under that filtered distribution: ``(ids [b], log_probs [b])``.
+
+    With a nucleus the distribution is built and sampled in the sorted order that the nucleus
+    needs anyway (megatron-core's sampler sorts too), so the filtered logits are never scattered
+    back to vocabulary order: one sort, one normaliser and one draw over ``[b, V]``."""
+    if top_p >= 1.0:
+        log_probs = torch.log_softmax(filter_logits(logits, top_k, top_p), -1)
+        ids = torch.multinomial(log_probs.exp(), 1, generator=generator)
+        return ids.squeeze(-1), log_probs.gather(-1, ids).squeeze(-1)
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    if 0 < top_k < logits.shape[-1]:  # ties with the k-th kept, as in filter_logits
+        sorted_logits = sorted_logits.masked_fill(
+            sorted_logits < sorted_logits[..., top_k - 1:top_k], float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    drop = (probs.cumsum(-1) - probs) >= top_p
+    drop[..., 0] = False
+    log_probs = torch.log_softmax(sorted_logits.masked_fill_(drop, float("-inf")), -1)
+    j = torch.multinomial(log_probs.exp(), 1, generator=generator)
+    return order.gather(-1, j).squeeze(-1), log_probs.gather(-1, j).squeeze(-1)
+
+
 def _gather_vocab(x: torch.Tensor, tp_group) -> torch.Tensor:
     """Concatenate vocab shards ``[b, V/TP]`` → ``[b, V]`` (last position only)."""
     if tp_group is None:
@@ -138,6 +162,8 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
     done = torch.zeros(n, dtype=torch.bool, device=device)
     gen = torch.Generator(device=device).manual_seed(params.seed)
     ctx = StaticInferenceContext(n, total) if use_kv_cache else None
+    if ctx is not None:  # the prefill projects only its last position (as megatron's engine)
+        ctx.materialize_only_last_token_logits = True
     # sampling from p needs no NADO head: skip its layers and vocabulary projection
     skip_head = not guided and getattr(model, "head_enabled", False)
     if skip_head:
@@ -158,15 +184,12 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
             else:
                 log_probs = z
             log_probs = _gather_vocab(log_probs, tp_group)[:, :vocab_size]
-            log_probs = torch.log_softmax(filter_logits(log_probs, params.top_k, params.top_p), -1)
-            sampled = torch.multinomial(log_probs.exp(), 1, generator=gen).squeeze(-1)
+            sampled, sampled_lp = sample_filtered(log_probs, params.top_k, params.top_p, gen)
             generating = (end >= prompt_lengths) & (end < lengths) & ~done
             nxt = torch.where(generating, sampled, tokens[:, end])
             nxt = torch.where(done | (end >= lengths), torch.full_like(nxt, pad_id), nxt)
             tokens[:, end] = nxt
-            logprobs[:, end] = torch.where(
-                generating, log_probs.gather(-1, sampled.unsqueeze(-1)).squeeze(-1),
-                torch.zeros(n, device=device))
+            logprobs[:, end] = torch.where(generating, sampled_lp, torch.zeros(n, device=device))
             if params.eos_id is not None:
                 hit_eos = generating & (sampled == params.eos_id)
                 lengths = torch.where(hit_eos, torch.full_like(lengths, end + 1), lengths)
