@@ -130,6 +130,9 @@ ABLATIONS = {
     "gates=on": {"delta": 0.95, "min_z": 0.1},
     "reference=current": {"reference": "current"},
     "reference=base": {"reference": "base"},
+    # the prototypes' NADO: a model of its own over the tokens, as deep as the trunk, warm-started
+    # from θ_0 (also with NADO decoding: ``--only nado_decoding@1+nado=separate``)
+    "nado=separate": {"nado_head": {"kind": "separate", "num_layers": "trunk"}},
 }
 
 
@@ -306,7 +309,7 @@ def point_config(cfg: Dict[str, Any], method: str, knob: float, out: Path,
     """The config of one (method, knob) point, or of an ablation ``variant`` of it."""
     c = copy.deepcopy(cfg)
     a = c["model"]["acft"]
-    if method in ("baseline", "nado_decoding"):
+    if method == "baseline" or (method == "nado_decoding" and not variant):
         c["run_dir"] = str(out / "runs" / "baseline")  # NADO decoding builds on the baseline
     else:
         c["run_dir"] = str(out / "runs" / f"{method}_{knob:g}{'_' + variant if variant else ''}")
@@ -324,7 +327,12 @@ def point_config(cfg: Dict[str, Any], method: str, knob: float, out: Path,
     if method.startswith("acft"):
         a["sample_lambda"] = knob
     if variant:
-        a.update(ABLATIONS[variant])
+        change = copy.deepcopy(ABLATIONS[variant])
+        head = change.pop("nado_head", {})
+        if head.get("num_layers") == "trunk":
+            head["num_layers"] = c["pretrain"]["model"]["num_layers"]
+        a.update(change)
+        a["nado_head"].update(head)
     return c
 
 
@@ -423,17 +431,25 @@ def table(results: Dict[str, Dict[str, Any]]) -> str:
 
 
 def variant_name(p: Dict[str, Any]) -> str:
-    """An ablated point's name: its variant, and its λ where that is not the main one."""
-    k = p.get("knob")
-    return p["variant"] + ("" if k is None or k == MAIN.get(p["method"]) else f" @ λ={k:g}")
+    """An ablated point's name: its variant (after its method unless that is ours w/
+    adaptive), and its knob where that is not the main one."""
+    k, m = p.get("knob"), p["method"]
+    name = p["variant"] if m == "acft_adaptive" else f"{LABELS[m]}: {p['variant']}"
+    return name + ("" if k is None or k == MAIN.get(m) else f" @ {KNOB[m]}={k:g}")
 
 
-def ablation_table(main: Optional[Dict[str, Any]], ablated: List[Dict[str, Any]]) -> str:
-    """Ours w/ adaptive at its main λ, and with each ablated choice."""
-    lines = ["| ours w/ adaptive, changed | toxic share ↓ | perplexity ↓ | distinct-2 | "
-             "repeat rate | words | NADO ECE | H(p) | H(q) | mean abs ΔZ | gated share |",
+def ablation_table(results: Dict[str, Dict[str, Any]], ablated: List[Dict[str, Any]]) -> str:
+    """Ours w/ adaptive (and NADO decoding, where it has a variant) at the main knob, and with
+    each ablated choice."""
+    lines = ["| changed (ours w/ adaptive unless named) | toxic share ↓ | perplexity ↓ | "
+             "distinct-2 | repeat rate | words | NADO ECE | H(p) | H(q) | mean abs ΔZ | "
+             "gated share |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    rows = ([("(the defaults)", main)] if main else []) + [(variant_name(p), p) for p in ablated]
+    rows = []
+    for m in ("acft_adaptive", "nado_decoding"):
+        if m in results and (m == "acft_adaptive" or any(p["method"] == m for p in ablated)):
+            rows.append((f"{LABELS[m]} (the defaults)", results[m]))
+    rows += [(variant_name(p), p) for p in ablated]
     for name, r in rows:
         lines.append(f"| {name} | {r['toxic_share']:.3f} | {r['ppl']:.2f} | "
                      f"{r['distinct_2']:.3f} | {r['repeat_rate']:.3f} | "
@@ -654,7 +670,8 @@ def main(argv=None) -> Dict[str, Any]:
     after_baseline = [("nado_decoding", k, None) for k in spec["sweep"]["nado_decoding"]]
     jobs = jobs[:1] + after_baseline[:1] + jobs[1:]  # the head once, before the other β
     if args.ablations:  # after ours, before the other baselines
-        jobs[3:3] = [("acft_adaptive", MAIN["acft_adaptive"], v) for v in ABLATIONS]
+        jobs[3:3] = ([("acft_adaptive", MAIN["acft_adaptive"], v) for v in ABLATIONS]
+                     + [("nado_decoding", MAIN["nado_decoding"], "nado=separate")])
     later = after_baseline[1:]
     if args.only:
         jobs, later = parse_points(args.only), []
@@ -720,7 +737,7 @@ def main(argv=None) -> Dict[str, Any]:
         json.dump(sorted(points, key=lambda p: (p["method"], p["knob"] or 0)), fh, indent=1)
     md = table(results)
     if ablated:
-        md += "\n" + ablation_table(results.get("acft_adaptive"), ablated)
+        md += "\n" + ablation_table(results, ablated)
     with atomic_write(out / "table.md") as fh:
         fh.write(md)
     plot(points, out / "tradeoff.png")

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Sequence
 SCHEDULES = ("sequential", "parallel")
 REFERENCES = ("current", "frozen", "base")
 KL_ON = ("corpus", "samples", "both")
+NADO_KINDS = ("head", "separate")  # model.acft.nado_head.kind (nemo_acft.models.gpt_nado)
 ROLES = ("all", "prepare", "lm", "oracle", "finish")
 BASELINES = ("filtering", "rl", "nado_decoding")
 ORACLE_NAMES = ("lexicon", "sklearn_text", "detoxify", "hf_classifier")
@@ -131,6 +132,10 @@ def validate(cfg: Dict[str, Any]) -> None:
          "null (= model.acft.lambda) or a number >= 0")
     need("model.acft.nado_head.fp32", lambda v: isinstance(v, bool), "true or false")
     need("model.acft.nado_head.compile_loss", lambda v: isinstance(v, bool), "true or false")
+    need("model.acft.nado_head.kind", lambda v: v in NADO_KINDS, f"one of {NADO_KINDS}")
+    need("model.acft.nado_head.num_layers",
+         lambda v: a["nado_head"]["kind"] != "separate" or v >= 1,
+         "at least 1 with nado_head.kind=separate (the separate model's layers)")
     e = a["exchange"]
     for key in ("timeout_s", "handshake_timeout_s", "heartbeat_s", "heartbeat_timeout_s"):
         need(f"model.acft.exchange.{key}", lambda v: _is_num(v) and v > 0, "a number > 0")

@@ -10,7 +10,8 @@ import torch
 from omegaconf import OmegaConf
 
 
-def tiny_model_cfg(num_layers=2, hidden=64, heads=4, seq=32, head_layers=1, **extra):
+def tiny_model_cfg(num_layers=2, hidden=64, heads=4, seq=32, head_layers=1, head_kind="head",
+                   **extra):
     """A MegatronGPTModel config of a tiny GPT with the byte-level tokenizer (512 ids)."""
     cfg = {
         "mcore_gpt": True, "micro_batch_size": 4, "global_batch_size": 8,
@@ -27,7 +28,7 @@ def tiny_model_cfg(num_layers=2, hidden=64, heads=4, seq=32, head_layers=1, **ex
         "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.95],
                   "sched": {"name": "CosineAnnealing", "warmup_steps": 2, "min_lr": 1e-4}},
         "acft": {"nado_head": {"num_layers": head_layers, "fp32": False,
-                               "loss_chunk_tokens": 256}},
+                               "loss_chunk_tokens": 256, "kind": head_kind}},
     }
     cfg.update(extra)
     return OmegaConf.create(cfg)

@@ -10,7 +10,8 @@ forward-backward schedule) on real gloo worlds:
   ``generate`` at TP=2 equal to TP=1;
 - ``.nemo`` in (a stock GPT's, resharded to TP=2 by NeMo, head at zero) and out (the plain
   ``.nemo`` that stock ``MegatronGPTModel`` restores with identical logits; the one with the head);
-- the fp32 head on a bf16 trunk, the CPU gradient clipping, the version check.
+- the fp32 head on a bf16 trunk, the CPU gradient clipping, the version check;
+- ``nado_head.kind: separate`` (a NADO model reading tokens) against the LM it copies.
 """
 
 import math
@@ -384,6 +385,71 @@ def _fp32_head_worker(rank, world):
 def test_fp32_head_on_bf16_trunk():
     ((dtypes, out),) = run_workers(_fp32_head_worker, 1)
     assert dtypes == {torch.float32} and out == torch.float32
+
+
+def _separate_worker(rank, world, tp, path, position_embedding_type):
+    """``nado_head.kind: separate`` built, warm-started from the trunk and, with the trunk's
+    final norm and output layer copied in too, made into a copy of the LM; saved as a part."""
+    from nemo_acft.models.generate import SamplingParams
+
+    m = build(tp=tp, world=tp, head_layers=2, head_kind="separate",
+              position_embedding_type=position_embedding_type)
+    trunk, head = m.module, m.module.nado_head
+    if path is not None and tp == 1:  # the part saved at TP 2, resharded
+        m.load_part(f"{path}/head", "head")
+        m.load_part(f"{path}/trunk", "trunk")
+        x = corpus_batch(rows=3, seq=12, seed=4)["inputs"]
+        return {"z": _logits(m, x)[0], "s": _logits(m, x)[1]}
+    same_weights_for_any_split(trunk, tp)  # the head's embedding and layers get other values
+    head.warm_start_from(trunk)
+    with torch.no_grad():
+        head.final_layernorm.load_state_dict(trunk.decoder.final_layernorm.state_dict())
+        head.output_layer.weight.copy_(trunk.output_layer.weight)
+    x = corpus_batch(rows=3, seq=12, seed=4)["inputs"]
+    z, s = _logits(m, x)
+    g = m.generate([[5, 6, 7], [8, 9]], SamplingParams(max_new_tokens=5, seed=3), guided=True)
+    out = {"z": z, "s": s, "gen": g, "lq": m.token_log_probs(g.tokens, guidance=1.0)}
+    if path is not None:
+        m.save_part(f"{path}/head", "head")
+        m.save_part(f"{path}/trunk", "trunk")
+    with torch.no_grad():  # the trunk moves; a separate NADO model does not see it
+        for p in trunk.decoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out["z_moved"], out["s_moved"] = _logits(m, x)
+    return out
+
+
+@pytest.mark.parametrize("position_embedding_type", ["rope", "learned_absolute"])
+def test_separate_nado_model_reads_tokens(tmp_path, position_embedding_type):
+    """The prototypes' design: R from a NADO model of its own over the tokens. A copy of the LM
+    (the trunk's embedding and layers by warm_start_from, its norm and output layer by hand)
+    gives the LM's logits exactly, at TP 2; R does not move with the trunk; KV-cached guided
+    sampling reads the separate model at the decoded positions (its log-probs equal the full
+    forward's); the part saved at TP 2 loads at TP 1 with the same logits."""
+    two = run_workers(_separate_worker, 2, 2, str(tmp_path), position_embedding_type)
+    r = two[0]
+    z, s = r["z"], r["s"]
+    torch.testing.assert_close(s, z, rtol=1e-5, atol=1e-5 * float(z.abs().max()))
+    assert (r["z_moved"] - z).abs().max() > 1e-2  # the trunk did move
+    torch.testing.assert_close(r["s_moved"], s, rtol=0, atol=0)
+    g = r["gen"]
+    for i in range(g.tokens.shape[0]):
+        lo, hi = int(g.prompt_lengths[i]), int(g.lengths[i])
+        torch.testing.assert_close(g.logprobs[i, lo:hi], r["lq"][i, lo - 1:hi - 1],
+                                   rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(two[1]["s"], s, rtol=1e-5, atol=1e-5 * float(s.abs().max()))
+    (one,) = run_workers(_separate_worker, 1, 1, str(tmp_path), position_embedding_type)
+    torch.testing.assert_close(one["s"], s, rtol=1e-5, atol=1e-5 * float(s.abs().max()))
+    torch.testing.assert_close(one["z"], z, rtol=1e-5, atol=1e-5 * float(z.abs().max()))
+
+
+def test_separate_nado_config_errors():
+    from nemo_acft.models.gpt_nado import NADOHeadConfig
+
+    with pytest.raises(ValueError, match="kind='sidecar'"):
+        NADOHeadConfig(kind="sidecar")
+    with pytest.raises(ValueError, match="num_layers=0"):
+        NADOHeadConfig(kind="separate", num_layers=0)
 
 
 def _clip_worker(rank, world_size):

@@ -123,10 +123,12 @@ def test_nemo_to_hf_before_training_is_the_original(hf_dir, nemo, tmp_path):
     assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == 2
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [2])
 def test_round_trip_through_acft(hf_dir, nemo, tmp_path, tp):
     """ACFT trains the converted model for one iteration at TP = ``tp``; its exported .nemo,
-    converted to HF, gives our model's logits (at TP = ``tp``) and generates."""
+    converted to HF, gives our model's logits (at TP = ``tp``) and generates. (TP 1, the
+    simpler case, is left out to keep the suite under 25 minutes: the conversion at TP 1 is
+    tested before training, and training at TP 1 by every other run test.)"""
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / f"run_tp{tp}"
@@ -173,10 +175,19 @@ def test_bad_input_is_one_line_before_anything_is_written(hf_dir, tmp_path, case
         tp = 3
     else:
         out = tmp_path / "out" / "m.tar"
-    r = convert("hf-to-nemo", "--hf", src, "--out", out, "--tensor-model-parallel-size", tp)
-    assert r.returncode != 0
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("acft-convert hf-to-nemo: ") and expected in last, r.stderr[-2000:]
+    args = ["hf-to-nemo", "--hf", src, "--out", out, "--tensor-model-parallel-size", tp]
+    if case == "suffix":  # as a user types it: the error is the last line on stderr
+        r = convert(*args)
+        assert r.returncode != 0
+        last = r.stderr.strip().splitlines()[-1]
+    else:  # the same entry point in this process (no interpreter start and imports per case)
+        from nemo_acft.cli.convert import main
+
+        with pytest.raises(SystemExit) as e:
+            main([str(a) for a in args])
+        last = str(e.value)
+        assert "\n" not in last
+    assert last.startswith("acft-convert hf-to-nemo: ") and expected in last, last
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 

@@ -108,6 +108,25 @@ def test_only_points_parse_and_refuse_unknown_names():
             parse_points(bad)
 
 
+def test_separate_nado_variant_has_its_own_run_and_the_trunks_depth(tmp_path):
+    from benchmarks.paper_table import point_config
+
+    cfg = {"run_dir": "x", "pretrain": {"model": {"num_layers": 3}},
+           "nado_decoding": {"guidance": 2.0},
+           "model": {"acft": {"nado_head": {"kind": "head", "num_layers": 1, "fp32": False}}}}
+    plain = point_config(cfg, "nado_decoding", 1.0, tmp_path)
+    sep = point_config(cfg, "nado_decoding", 1.0, tmp_path, "nado=separate")
+    ours = point_config(cfg, "acft_adaptive", 4.0, tmp_path, "nado=separate")
+    assert plain["run_dir"] == str(tmp_path / "runs" / "baseline")
+    assert plain["model"]["acft"]["nado_head"]["kind"] == "head"
+    for c in (sep, ours):
+        assert c["model"]["acft"]["nado_head"] == {"kind": "separate", "num_layers": 3,
+                                                   "fp32": False}
+    # not the plain NADO decoding's run folder: the model config there has the other head
+    assert sep["run_dir"] == str(tmp_path / "runs" / "nado_decoding_1_nado=separate")
+    assert cfg["model"]["acft"]["nado_head"]["kind"] == "head"  # the input is not changed
+
+
 def test_combine_seeds_by_hand():
     """Mean ± sd and the ratios of the means, against numbers worked out by hand."""
     from benchmarks.paper_table import combine_seeds

@@ -54,16 +54,23 @@ def _write_part(run, part: str, with_optimizer: bool = False, common=None):
 
 
 def publish_initial_head(run, store: ArtifactStore) -> None:
-    """φ_0: the freshly built, zero-initialised head (R = 1/2 everywhere, q = p)."""
+    """φ_0: the freshly built, zero-initialised head (R = 1/2 everywhere, q = p). With
+    ``model.acft.nado_head.kind: separate`` the separate NADO model's embedding and layers start
+    from θ_0's (read from the run's exchange), its output layer at zero."""
     if store.exists("nado", 0):
         return
     store.clean_temporaries("nado")
     head = run.model.module.nado_head
     if head is not None and bool(head.output_layer.weight.detach().abs().max() > 0):
         raise RuntimeError("φ_0 must be the zero-initialised head: publish it before loading one")
+    init, read = "zeros", None
+    if head is not None and head.separate:
+        read = _read(run, run.exchange, "lm", 0, "trunk")
+        head.warm_start_from(run.model.module)
+        init = "separate: embedding and first layers from θ_0, output layer zeros"
     store.publish("nado", 0, _write_part(run, "head"),
-                  {"based_on": {"lm": None, "nado": None}, "init": "zeros",
-                   "layout": run.model.layout()})
+                  {"based_on": {"lm": 0 if read else None, "nado": None}, "init": init,
+                   "layout": run.model.layout(), **({"read": read} if read else {})})
 
 
 def regularizer(run, domains: Sequence[str]) -> Regularizer:

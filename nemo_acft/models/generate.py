@@ -93,9 +93,11 @@ def sample_filtered(logits: torch.Tensor, top_k: int, top_p: float,
     """One token per row from ``softmax(filter_logits(logits, top_k, top_p))``, and its
     log-probability under that filtered distribution: ``(ids [b], log_probs [b])``.
 
-    With a nucleus the distribution is built and sampled in the sorted order that the nucleus
-    needs anyway (megatron-core's sampler sorts too), so the filtered logits are never scattered
-    back to vocabulary order: one sort, one normaliser and one draw over ``[b, V]``."""
+    With a nucleus the distribution is built in the sorted order the nucleus needs anyway (one
+    sort, one normaliser over ``[b, V]``), then scattered back to vocabulary order for the draw.
+    Drawing in sorted order would save that scatter, but two nearly tied logits can swap places
+    between bit-different but equal computations (the KV-cached and the recomputing paths, TP 1
+    and TP 2), which changes the token a seed draws: ``benchmarks/sampling.py`` caught it."""
     if top_p >= 1.0:
         log_probs = torch.log_softmax(filter_logits(logits, top_k, top_p), -1)
         ids = torch.multinomial(log_probs.exp(), 1, generator=generator)
@@ -107,9 +109,10 @@ def sample_filtered(logits: torch.Tensor, top_k: int, top_p: float,
     probs = torch.softmax(sorted_logits, dim=-1)
     drop = (probs.cumsum(-1) - probs) >= top_p
     drop[..., 0] = False
-    log_probs = torch.log_softmax(sorted_logits.masked_fill_(drop, float("-inf")), -1)
-    j = torch.multinomial(log_probs.exp(), 1, generator=generator)
-    return order.gather(-1, j).squeeze(-1), log_probs.gather(-1, j).squeeze(-1)
+    sorted_lp = torch.log_softmax(sorted_logits.masked_fill_(drop, float("-inf")), -1)
+    log_probs = torch.empty_like(sorted_lp).scatter_(-1, order, sorted_lp)
+    ids = torch.multinomial(log_probs.exp(), 1, generator=generator)
+    return ids.squeeze(-1), log_probs.gather(-1, ids).squeeze(-1)
 
 
 def _gather_vocab(x: torch.Tensor, tp_group) -> torch.Tensor:

@@ -23,6 +23,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from nemo_acft.config import NADO_KINDS
 from nemo_acft.models.parallel import tp_group
 from nemo_acft.nado import closed_form_kl, cross_entropy
 from nemo_acft.nado.fused import fused_ce_kl, fused_ce_kl_from_hidden
@@ -35,8 +36,15 @@ class NADOHeadConfig:
     """The NADO block on the last pipeline stage (``model.acft.nado_head``).
 
     Attributes:
+        kind: ``head`` (this project's design: the head reads the trunk's final hidden states,
+            detached, so one trunk forward serves both) | ``separate`` (the authors' prototypes:
+            a NADO model of its own that reads the tokens: a token embedding, ``num_layers``
+            transformer layers and the output layer, R independent of θ; warm-started from
+            θ_0's embedding and first ``num_layers`` layers, see
+            :meth:`NADOHead.warm_start_from`).
         num_layers: transformer layers of the head's own, reading the trunk's final hidden
-            states (detached); 0 = only the vocab-parallel output layer.
+            states (detached); 0 = only the vocab-parallel output layer. ``separate``: the
+            separate model's layers (at least 1).
         fp32: keep the head's parameters and compute in fp32 whatever the trunk dtype.
         loss_chunk_tokens: the training loss (CE + KL) with labels: tokens per chunk of the
             fused pass (:func:`nemo_acft.nado.fused.fused_ce_kl`); 0 = the unfused path
@@ -48,6 +56,7 @@ class NADOHeadConfig:
 
     num_layers: int = 0
     fp32: bool = False
+    kind: str = "head"
     loss_chunk_tokens: int = 256
     compile_loss: bool = False
 
@@ -55,6 +64,11 @@ class NADOHeadConfig:
         if self.num_layers < 0 or self.loss_chunk_tokens < 0:
             raise ValueError(f"nado_head num_layers={self.num_layers}, loss_chunk_tokens="
                              f"{self.loss_chunk_tokens}: expected integers >= 0")
+        if self.kind not in NADO_KINDS:
+            raise ValueError(f"nado_head kind={self.kind!r}: expected one of {NADO_KINDS}")
+        if self.kind == "separate" and self.num_layers < 1:
+            raise ValueError(f"nado_head kind=separate, num_layers={self.num_layers}: a separate "
+                             f"NADO model needs at least one transformer layer")
         if not isinstance(self.compile_loss, bool):
             raise ValueError(f"nado_head compile_loss={self.compile_loss!r}: expected true or "
                              f"false")
@@ -93,10 +107,14 @@ class NADOHead(MegatronModule):
         vocab_size: padded vocabulary size (the same as the LM output layer's).
         first_layer_number: layer numbers continue the trunk's, so a KV-cache keyed by layer
             number never mixes the head's layers with the trunk's.
+        max_sequence_length, position_embedding_type: the trunk's; ``kind: separate`` builds
+            its token embedding (megatron-core's ``LanguageModelEmbedding``) with them, and its
+            layers take the trunk's rotary embedding (same ``kv_channels``).
     """
 
     def __init__(self, config: TransformerConfig, head: NADOHeadConfig, spec: ModuleSpec,
-                 vocab_size: int, first_layer_number: int):
+                 vocab_size: int, first_layer_number: int, max_sequence_length: int = 0,
+                 position_embedding_type: str = "learned_absolute"):
         overrides = {"num_layers": max(head.num_layers, 1)}
         if head.fp32:
             overrides.update(params_dtype=torch.float32, bf16=False, fp16=False,
@@ -104,6 +122,16 @@ class NADOHead(MegatronModule):
         head_config = dataclasses.replace(config, **overrides)
         super().__init__(config=head_config)
         self.fp32 = head.fp32
+        self.separate = head.kind == "separate"
+        self.embedding = None
+        if self.separate:
+            from megatron.core.models.common.embeddings.language_model_embedding import (
+                LanguageModelEmbedding)
+
+            self.embedding = LanguageModelEmbedding(
+                config=head_config, vocab_size=vocab_size,
+                max_sequence_length=max_sequence_length,
+                position_embedding_type=position_embedding_type)
         self.layers = torch.nn.ModuleList(
             build_module(spec, config=head_config, layer_number=first_layer_number + i)
             for i in range(head.num_layers)
@@ -137,7 +165,7 @@ class NADOHead(MegatronModule):
             out.update(layer.sharded_state_dict(prefix=f"{prefix}layers.{i}.",
                                                 sharded_offsets=sharded_offsets,
                                                 metadata=metadata))
-        for name in ("final_layernorm", "output_layer"):
+        for name in ("embedding", "final_layernorm", "output_layer"):
             module = getattr(self, name)
             if module is not None:
                 out.update(sharded_state_dict_default(module, f"{prefix}{name}.",
@@ -146,10 +174,18 @@ class NADOHead(MegatronModule):
 
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
                 rotary_pos_emb: Optional[Tensor] = None, inference_context=None,
-                last_token_only: bool = False, return_hidden: bool = False) -> Tensor:
-        """Args: hidden_states ``[s, b, h]`` (detached trunk output).
+                last_token_only: bool = False, return_hidden: bool = False,
+                input_ids: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None) -> Tensor:
+        """Args: hidden_states ``[s, b, h]`` (detached trunk output; unused by ``separate``,
+        which embeds ``input_ids`` ``[b, s]`` at ``position_ids``).
         Returns: NADO logits ``[s, b, V/TP]`` (vocab-parallel), or with ``return_hidden`` the
         ``[s, b, h]`` input of the output layer (for a loss that projects chunk by chunk)."""
+        if self.separate:
+            if input_ids is None:
+                raise ValueError("nado_head kind=separate reads the tokens: this stage got no "
+                                 "input_ids")
+            hidden_states = self.embedding(input_ids=input_ids, position_ids=position_ids)
         if self.fp32:
             hidden_states = hidden_states.float()
         for layer in self.layers:
@@ -164,6 +200,29 @@ class NADOHead(MegatronModule):
             return hidden_states
         logits, _ = self.output_layer(hidden_states)
         return logits
+
+    @torch.no_grad()
+    def warm_start_from(self, trunk: GPTModel) -> None:
+        """``kind: separate``: copy the trunk's token (and position) embedding and its first
+        ``num_layers`` transformer layers into this model (the prototypes start their NADO model
+        from the base LM); the output layer stays at zero (R = 1/2, q = p). Needs the trunk's
+        embedding and those layers on this rank: pipeline parallelism 1, where φ_0 is written."""
+        if not self.separate:
+            raise ValueError("warm_start_from: only nado_head kind=separate has its own embedding")
+        if not trunk.pre_process or not trunk.post_process:
+            raise ValueError("nado_head kind=separate: φ_0 is warm-started from θ_0's embedding "
+                             "and first layers, which needs pipeline_model_parallel_size=1 in "
+                             "the world that writes φ_0 (the oracle group)")
+        if len(trunk.decoder.layers) < len(self.layers):
+            raise ValueError(f"nado_head kind=separate, num_layers={len(self.layers)}: the "
+                             f"trunk has only {len(trunk.decoder.layers)} layers to start from")
+        pairs = [(self.embedding, trunk.embedding)]
+        pairs += list(zip(self.layers, trunk.decoder.layers))
+        for mine, theirs in pairs:
+            src = theirs.state_dict()
+            for key, value in mine.state_dict().items():
+                if torch.is_tensor(value) and key in src and src[key].shape == value.shape:
+                    value.copy_(src[key])
 
 
 class GPTNADOModel(GPTModel):
@@ -193,7 +252,10 @@ class GPTNADOModel(GPTModel):
         self.head_enabled = True
         if self.post_process:
             self.nado_head = NADOHead(config, nado, transformer_layer_spec, vocab_size,
-                                      first_layer_number=config.num_layers + 1)
+                                      first_layer_number=config.num_layers + 1,
+                                      max_sequence_length=max_sequence_length,
+                                      position_embedding_type=kwargs.get(
+                                          "position_embedding_type", "learned_absolute"))
         self._reference: Optional[ReferenceHidden] = None
         self._return_hidden = False
 
@@ -231,7 +293,8 @@ class GPTNADOModel(GPTModel):
                                  "model.sequence_parallel=False")
         if self._return_hidden:  # this model is the reference of an LM step
             nado_hidden = self.nado_head(hidden_states.detach(), attention_mask, rotary_pos_emb,
-                                         inference_context, return_hidden=True)
+                                         inference_context, return_hidden=True,
+                                         input_ids=input_ids, position_ids=position_ids)
             return ReferenceHidden(hidden_states, nado_hidden, self.output_weight(),
                                    self.nado_head.output_layer.weight)
         if self._reference is not None and labels is not None:
@@ -244,7 +307,8 @@ class GPTNADOModel(GPTModel):
         if self.head_enabled:
             nado_logits = self.nado_head(hidden_states.detach(), attention_mask, rotary_pos_emb,
                                          inference_context, last_token_only,
-                                         return_hidden=project_in_loss)
+                                         return_hidden=project_in_loss, input_ids=input_ids,
+                                         position_ids=position_ids)
         if last_token_only:
             hidden_states = hidden_states[-1:]
         output_weight = None
