@@ -218,11 +218,15 @@ class NADOHead(MegatronModule):
                              f"trunk has only {len(trunk.decoder.layers)} layers to start from")
         pairs = [(self.embedding, trunk.embedding)]
         pairs += list(zip(self.layers, trunk.decoder.layers))
-        for mine, theirs in pairs:
+        for mine, theirs in pairs:  # built from one spec: the same keys and shapes
             src = theirs.state_dict()
             for key, value in mine.state_dict().items():
-                if torch.is_tensor(value) and key in src and src[key].shape == value.shape:
-                    value.copy_(src[key])
+                if not torch.is_tensor(value):  # e.g. transformer-engine's _extra_state
+                    continue
+                if key not in src or src[key].shape != value.shape:
+                    raise ValueError(f"nado_head kind=separate: {key} {tuple(value.shape)} has no "
+                                     f"counterpart of that shape in the trunk")
+                value.copy_(src[key])
 
 
 class GPTNADOModel(GPTModel):
