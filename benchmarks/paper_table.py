@@ -5,7 +5,8 @@
 
 (2 cores: an ACFT point of the full mode takes 35–40 min with its NADO budget of 1,024 prompts
 and 300 NADO steps per oracle block.) ``--ablations`` adds ours w/ adaptive with one choice of
-``ABLATIONS`` changed (reference, kl_on, gates), as ``ablation/<variant>/`` and a second table.
+``ABLATIONS`` changed (reference, kl_on, gates, the NADO's kind, labels, α and samples per prompt),
+and NADO decoding with each of ``NADO_ABLATIONS``, as ``ablation/<variant>/`` and a second table.
 
 ``--data-dir`` (default: the environment variable ``ACFT_DATA_DIR``) holds ``wikitext-2/``,
 ``toxigen_seeds/`` and ``davidson_hate_offensive/`` (see that folder's README); nothing of it is
@@ -133,7 +134,24 @@ ABLATIONS = {
     # the prototypes' NADO: a model of its own over the tokens, as deep as the trunk, warm-started
     # from θ_0 (also with NADO decoding: ``--only nado_decoding@1+nado=separate``)
     "nado=separate": {"nado_head": {"kind": "separate", "num_layers": "trunk"}},
+    # R's data and loss (issue 14's NADO-quality knobs; with NADO decoding, the direct test of R):
+    # soft labels (the oracle's score, as the prototype's 1 − toxicity), no consistency term (the
+    # GPT-2 prototype's loss), four continuations per prompt (4× the samples, same NADO steps)
+    "labels=soft": {"+oracle": {"threshold": None}},
+    "alpha=0": {"alpha": 0.0},
+    "samples=4": {"oracle_block": {"samples_per_prompt": 4}},
 }
+#: ``--ablations``: the variants also run with NADO decoding (they change R, not the LM update)
+NADO_ABLATIONS = ("nado=separate", "labels=soft", "alpha=0", "samples=4")
+
+
+def _merge(into: Dict[str, Any], change: Dict[str, Any]) -> None:
+    """Nested update of ``into`` by ``change`` (dicts merge, other values replace)."""
+    for k, v in change.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -327,12 +345,11 @@ def point_config(cfg: Dict[str, Any], method: str, knob: float, out: Path,
     if method.startswith("acft"):
         a["sample_lambda"] = knob
     if variant:
-        change = copy.deepcopy(ABLATIONS[variant])
-        head = change.pop("nado_head", {})
-        if head.get("num_layers") == "trunk":
-            head["num_layers"] = c["pretrain"]["model"]["num_layers"]
-        a.update(change)
-        a["nado_head"].update(head)
+        change = copy.deepcopy(ABLATIONS[variant])  # model.acft keys; "+key": a top-level one
+        if change.get("nado_head", {}).get("num_layers") == "trunk":
+            change["nado_head"]["num_layers"] = c["pretrain"]["model"]["num_layers"]
+        _merge(c, {k[1:]: change.pop(k) for k in list(change) if k.startswith("+")})
+        _merge(a, change)
     return c
 
 
@@ -460,8 +477,10 @@ def ablation_table(results: Dict[str, Dict[str, Any]], ablated: List[Dict[str, A
     return "\n".join(lines) + "\n"
 
 
-def plot(points: List[Dict[str, Any]], path: Path) -> None:
-    """Figure 3: toxic share against perplexity, one curve per method over its knob."""
+def plot(points: List[Dict[str, Any]], path: Path, seeds: int = 0) -> None:
+    """Figure 3: toxic share against perplexity, one curve per method over its knob; with
+    ``seeds``, the points are means over that many seeds (:func:`combine_sweeps`), with ± sd
+    bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -474,16 +493,22 @@ def plot(points: List[Dict[str, Any]], path: Path) -> None:
         pts = sorted((p for p in points if p["method"] == m), key=lambda p: p["knob"] or 0)
         if not pts:
             continue
-        ax.plot([p["ppl"] for p in pts], [p["toxic_share"] for p in pts],
-                marker=markers[m], markersize=10 if m == "baseline" else 6,
-                linestyle="-" if m.startswith("acft") else "--", label=LABELS[m])
+        sd = lambda k: [p.get(k + "_sd", 0.0) if p.get(k + "_sd") == p.get(k + "_sd")  # noqa
+                        else 0.0 for p in pts]  # a point of one seed has sd nan: no bar
+        ax.errorbar([p["ppl"] for p in pts], [p["toxic_share"] for p in pts],
+                    xerr=sd("ppl") if seeds else None, yerr=sd("toxic_share") if seeds else None,
+                    marker=markers[m], markersize=10 if m == "baseline" else 6, capsize=2,
+                    linestyle="-" if m.startswith("acft") else "--", label=LABELS[m])
         for p in pts:
             if p["knob"] is not None:
-                ax.annotate(f"{KNOB[m]}={p['knob']:g}", (p["ppl"], p["toxic_share"]),
+                n = f" (n={p['n']})" if seeds and p.get("n", 0) < seeds else ""
+                ax.annotate(f"{KNOB[m]}={p['knob']:g}{n}", (p["ppl"], p["toxic_share"]),
                             textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set(xlabel="perplexity on WikiText-2 test (utility, lower is better)",
            ylabel="share of toxic samples (evaluator)",
-           title="Toxicity against utility (each method over its knob)")
+           title="Toxicity against utility (each method over its knob)" + (
+               f"\nmean ± sd of {seeds} seeds (n: seeds of a point, where fewer)" if seeds
+               else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -578,6 +603,42 @@ def combine_seeds(runs: List[Dict[str, Any]]) -> Tuple[str, Dict[str, Any]]:
     return "\n".join(lines) + "\n", {"seeds": seeds, "methods": stats, "checks": checks}
 
 
+def combine_sweeps(sweeps: List[List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    """The trade-off points of several seeds (each seed's ``sweep.json``) averaged per (method,
+    knob): mean and sample sd of :data:`SEED_KEYS`, ``n`` the seeds that have the point."""
+    groups: Dict[Tuple[str, Optional[float]], List[Dict[str, Any]]] = {}
+    for sweep in sweeps:
+        for p in sweep:
+            groups.setdefault((p["method"], p["knob"]), []).append(p)
+    out = []
+    order = lambda x: (METHODS.index(x[0][0]), x[0][1] or 0)  # noqa: E731
+    for (m, k), ps in sorted(groups.items(), key=order):
+        q: Dict[str, Any] = {"method": m, "knob": k, "n": len(ps),
+                             "seeds": sorted(p.get("seed") for p in ps)}
+        for key in SEED_KEYS:
+            xs = [float(p[key]) for p in ps if p.get(key) is not None]
+            if xs:
+                q[key] = statistics.fmean(xs)
+                q[key + "_sd"] = statistics.stdev(xs) if len(xs) > 1 else math.nan
+        out.append(q)
+    return out
+
+
+def sweep_table(points: List[Dict[str, Any]]) -> str:
+    """The averaged trade-off points as markdown, one row per (method, knob)."""
+    lines = ["| method | knob | seeds | toxic share ↓ | perplexity ↓ | distinct-2 | repeat rate |",
+             "|---" * 7 + "|"]
+    for p in points:
+        c = lambda k, f: (f"{p[k]:{f}}" + (f" ± {p[k + '_sd']:{f}}"  # noqa: E731
+                                           if p.get(k + "_sd") == p.get(k + "_sd") else "")
+                          if k in p else "–")
+        knob = "–" if p["knob"] is None else f"{KNOB[p['method']]} = {p['knob']:g}"
+        lines.append(f"| {LABELS[p['method']]} | {knob} | {p['n']} | {c('toxic_share', '.3f')} "
+                     f"| {c('ppl', '.1f')} | {c('distinct_2', '.3f')} | "
+                     f"{c('repeat_rate', '.3f')} |")
+    return "\n".join(lines) + "\n"
+
+
 # --- main ------------------------------------------------------------------------------------
 
 
@@ -630,6 +691,26 @@ def main(argv=None) -> Dict[str, Any]:
         md, summary = combine_seeds(runs)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
+        # each seed's trade-off points: <name>_sweep.json beside <name>.json, or the run
+        # folder's sweep.json beside its results.json
+        sweeps = []
+        for f in map(Path, args.combine):
+            for g in (f.with_name(f.stem + "_sweep.json"), f.parent / "sweep.json"):
+                if g.is_file():
+                    sweeps.append(json.loads(g.read_text()))
+                    break
+        if sweeps:
+            mean_points = combine_sweeps(sweeps)
+            md += "\nTrade-off points (Figure 3), mean ± sd over the seeds that have them:\n\n"
+            md += sweep_table(mean_points)
+            for m in ("acft_adaptive", "acft"):
+                curve = [p for p in mean_points if p["method"] == m]
+                if len(curve):
+                    summary["checks"].setdefault(m, {})["curve_at_or_below"] = {
+                        f"{p['method']}@{p['knob']:g}": curve_below(curve, p)
+                        for p in mean_points if p["method"] in ("filtering", "nado_decoding")}
+            summary["sweep"] = mean_points
+            plot(mean_points, out / "seeds_tradeoff.png", seeds=len(sweeps))
         with atomic_write(out / "seeds.md") as fh:
             fh.write(md)
         with atomic_write(out / "seeds.json") as fh:
@@ -671,7 +752,7 @@ def main(argv=None) -> Dict[str, Any]:
     jobs = jobs[:1] + after_baseline[:1] + jobs[1:]  # the head once, before the other β
     if args.ablations:  # after ours, before the other baselines
         jobs[3:3] = ([("acft_adaptive", MAIN["acft_adaptive"], v) for v in ABLATIONS]
-                     + [("nado_decoding", MAIN["nado_decoding"], "nado=separate")])
+                     + [("nado_decoding", MAIN["nado_decoding"], v) for v in NADO_ABLATIONS])
     later = after_baseline[1:]
     if args.only:
         jobs, later = parse_points(args.only), []

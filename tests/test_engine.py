@@ -399,7 +399,8 @@ def _separate_worker(rank, world, tp, path, position_embedding_type):
         m.load_part(f"{path}/head", "head")
         m.load_part(f"{path}/trunk", "trunk")
         x = corpus_batch(rows=3, seq=12, seed=4)["inputs"]
-        return {"z": _logits(m, x)[0], "s": _logits(m, x)[1]}
+        z, s = _logits(m, x)
+        return {"z": z, "s": s}
     same_weights_for_any_split(trunk, tp)  # the head's embedding and layers get other values
     head.warm_start_from(trunk)
     with torch.no_grad():

@@ -127,6 +127,27 @@ def test_separate_nado_variant_has_its_own_run_and_the_trunks_depth(tmp_path):
     assert cfg["model"]["acft"]["nado_head"]["kind"] == "head"  # the input is not changed
 
 
+def test_nado_quality_variants_change_one_key_each(tmp_path):
+    """labels=soft reaches the top-level oracle section; samples=4 and alpha=0 change one key
+    of model.acft and leave its siblings."""
+    from benchmarks.paper_table import point_config
+
+    cfg = {"run_dir": "x", "pretrain": {"model": {"num_layers": 3}},
+           "oracle": {"name": "sklearn_text", "threshold": 0.5},
+           "nado_decoding": {"guidance": 2.0},
+           "model": {"acft": {"alpha": 1.0, "nado_head": {"kind": "head", "num_layers": 1},
+                              "oracle_block": {"prompts": 64, "samples_per_prompt": 1}}}}
+    soft = point_config(cfg, "nado_decoding", 1.0, tmp_path, "labels=soft")
+    assert soft["oracle"] == {"name": "sklearn_text", "threshold": None}
+    assert "+oracle" not in soft["model"]["acft"] and "oracle" not in soft["model"]["acft"]
+    four = point_config(cfg, "nado_decoding", 1.0, tmp_path, "samples=4")
+    assert four["model"]["acft"]["oracle_block"] == {"prompts": 64, "samples_per_prompt": 4}
+    assert four["oracle"]["threshold"] == 0.5
+    assert point_config(cfg, "acft_adaptive", 4.0, tmp_path, "alpha=0")["model"]["acft"][
+        "alpha"] == 0.0
+    assert cfg["oracle"]["threshold"] == 0.5 and cfg["model"]["acft"]["alpha"] == 1.0
+
+
 def test_combine_seeds_by_hand():
     """Mean ± sd and the ratios of the means, against numbers worked out by hand."""
     from benchmarks.paper_table import combine_seeds
@@ -149,3 +170,22 @@ def test_combine_seeds_by_hand():
     assert "0.300 ± 0.141" in md
     with pytest.raises(SystemExit, match="repeat"):
         combine_seeds([run(1, 0.6, 0.2, 0.05), run(1, 0.4, 0.4, 0.07)])
+
+
+def test_combine_sweeps_by_hand():
+    """Per (method, knob) means over the seeds that have the point, against hand-worked
+    numbers; a point of one seed has no sd."""
+    from benchmarks.paper_table import combine_sweeps
+
+    pt = lambda m, k, t, ppl, seed: {"method": m, "knob": k, "toxic_share": t, "ppl": ppl,  # noqa
+                                     "distinct_2": 0.5, "repeat_rate": 0.05, "seed": seed}
+    a = [pt("baseline", None, 0.5, 600.0, 1), pt("filtering", 0.5, 0.2, 700.0, 1),
+         pt("acft_adaptive", 16.0, 0.1, 650.0, 1)]
+    b = [pt("baseline", None, 0.7, 620.0, 2), pt("filtering", 0.5, 0.4, 660.0, 2)]
+    got = {(p["method"], p["knob"]): p for p in combine_sweeps([a, b])}
+    assert got[("baseline", None)]["toxic_share"] == pytest.approx(0.6)
+    assert got[("baseline", None)]["toxic_share_sd"] == pytest.approx(0.02 ** 0.5)
+    assert got[("filtering", 0.5)]["ppl"] == pytest.approx(680.0)
+    assert got[("filtering", 0.5)]["seeds"] == [1, 2] and got[("filtering", 0.5)]["n"] == 2
+    one = got[("acft_adaptive", 16.0)]
+    assert one["n"] == 1 and one["toxic_share"] == 0.1 and one["ppl_sd"] != one["ppl_sd"]
