@@ -3,6 +3,7 @@ groups, against writing and reading the same bytes once, in the same run.
 
     python benchmarks/exchange.py --json benchmarks/results/exchange_cpu.json
     python benchmarks/exchange.py --sizes tiny,small --repeats 2
+    python benchmarks/exchange.py --sizes medium --compare-megatron  # against megatron's caller
 
 A hand-over is what the schedules do (:class:`~nemo_acft.algorithms.exchange.ArtifactStore`):
 the writer ``publish``es the part (megatron ``dist_checkpointing`` save of the part's sharded state
@@ -20,6 +21,7 @@ schedules' manifests).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -56,7 +58,27 @@ def fs_bound(src: Path, dst: Path) -> tuple:
     return w, time.perf_counter() - t
 
 
-def bench_size(name, size, repeats, root: Path):
+@contextlib.contextmanager
+def megatron_caller():
+    """The hand-over as megatron does it by default, for ``--compare-megatron``: the save
+    scheduled on its forking ``TemporalAsyncCaller`` and files read through the multi-storage
+    client (what :mod:`nemo_acft.models.checkpoint` did before it wrote in process, MSC off)."""
+    from megatron.core.dist_checkpointing.strategies.base import async_calls
+    from nemo_acft.models import checkpoint
+
+    def forked(request):
+        async_calls.schedule_async_request(request)
+        async_calls.maybe_finalize_async_calls(blocking=True)
+
+    kept = checkpoint._save_in_process, checkpoint._local_files
+    checkpoint._save_in_process, checkpoint._local_files = forked, contextlib.nullcontext
+    try:
+        yield
+    finally:
+        checkpoint._save_in_process, checkpoint._local_files = kept
+
+
+def bench_size(name, size, repeats, root: Path, compare: bool = False):
     from benchmarks.common import engine
     from nemo_acft.algorithms.exchange import ArtifactStore
 
@@ -64,20 +86,31 @@ def bench_size(name, size, repeats, root: Path):
     model = engine(vocab, hidden, layers, heads, seq, head_layers=1)
     store = ArtifactStore(root / name / "exchange")
     row = {"size": name}
+    it = iter(range(10**6))
+
+    def hand_over(kind, part):
+        k = next(it)
+        t = time.perf_counter()
+        store.publish(kind, k, lambda d: model.save_part(d / part, part), {})
+        w = time.perf_counter() - t
+        t = time.perf_counter()
+        path = store.verify(kind, k)
+        model.load_part(path / part, part)
+        return w, time.perf_counter() - t, path, k
+
     for label, (kind, part) in PARTS.items():
-        writes, reads, bounds = [], [], []
+        writes, reads, bounds, theirs = [], [], [], []
         for k in range(repeats):
-            t = time.perf_counter()
-            store.publish(kind, k, lambda d, part=part: model.save_part(d / part, part), {})
-            writes.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            path = store.verify(kind, k)
-            model.load_part(path / part, part)
-            reads.append(time.perf_counter() - t)
+            w, r, path, last_k = hand_over(kind, part)
+            writes.append(w)
+            reads.append(r)
             fs_dir = root / name / f"fs_{label}_{k}"
             bounds.append(fs_bound(path, fs_dir))
             shutil.rmtree(fs_dir)
-        nbytes = store.manifest(kind, 0)["bytes"]
+            if compare:  # interleaved with ours, so that both see the same machine
+                with megatron_caller():
+                    theirs.append(sum(hand_over(kind, part)[:2]))
+        nbytes = store.manifest(kind, last_k)["bytes"]
         w, r = statistics.median(writes), statistics.median(reads)
         fw = statistics.median(b[0] for b in bounds)
         fr = statistics.median(b[1] for b in bounds)
@@ -85,6 +118,10 @@ def bench_size(name, size, repeats, root: Path):
                     f"{label}_fs_write_s": fw, f"{label}_fs_read_s": fr,
                     f"{label}_vs_fs_bound": (w + r) / (fw + fr),
                     f"{label}_mb_per_s": nbytes / 2**20 / (w + r)})
+        if compare:
+            ours = statistics.median(a + b for a, b in zip(writes, reads))
+            row.update({f"{label}_megatron_caller_s": statistics.median(theirs),
+                        f"{label}_vs_megatron_caller": ours / statistics.median(theirs)})
     shutil.rmtree(root / name)
     return row
 
@@ -116,13 +153,17 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dir", default=None, help="where to write (default: a temporary folder)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--compare-megatron", action="store_true",
+                    help="also time each hand-over as megatron's default caller does it (forked "
+                         "writer, files read through MSC), interleaved: *_vs_megatron_caller")
     args = ap.parse_args(argv)
     names = args.sizes.split(",") if args.sizes else list(CPU_SIZES)
     root = Path(args.dir or tempfile.mkdtemp(prefix="acft_exchange_"))
     rows = []
     for name in names:
         t0 = time.perf_counter()
-        rows.append(bench_size(name, CPU_SIZES[name], args.repeats, root))
+        rows.append(bench_size(name, CPU_SIZES[name], args.repeats, root,
+                               args.compare_megatron))
         print(f"[{name}] measured in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     cols = ["size"] + [f"{p}_{k}" for p in PARTS for k in (
         "bytes", "write_s", "read_s", "fs_write_s", "fs_read_s", "vs_fs_bound", "mb_per_s")]
@@ -134,6 +175,9 @@ def main(argv=None):
     last = rows[-1]
     flat = {"device": f"CPU, {os.cpu_count()} cores", "size": last["size"],
             "exchange_vs_fs_bound": max(last["theta_vs_fs_bound"], last["phi_vs_fs_bound"])}
+    if args.compare_megatron:
+        flat["exchange_vs_megatron_caller"] = max(last["theta_vs_megatron_caller"],
+                                                  last["phi_vs_megatron_caller"])
     for r in rows:
         for k, v in r.items():
             if k != "size":

@@ -213,6 +213,49 @@ def test_parts_saved_at_tp2_or_pp2_load_at_tp1(tmp_path, tp, pp):
         torch.testing.assert_close(lp1, saved[0]["lp"], rtol=1e-5, atol=2e-5)
 
 
+def _in_process_worker(rank, world, path):
+    """Save and load a part with megatron's forking caller made to fail and its MSC switch on:
+    the write happens in this process, the files are read without MSC, the switch is back on
+    after, and the weights round-trip into a model built from another seed."""
+    from megatron.core.dist_checkpointing.strategies import async_utils
+    from megatron.core.msc_utils import MultiStorageClientFeature as msc
+
+    def forked(*_a, **_k):
+        raise AssertionError("a save forked megatron's TemporalAsyncCaller")
+
+    async_utils.TemporalAsyncCaller.schedule_async_call = forked
+    seen = []
+    from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
+    reader = mcore_torch._get_filesystem_reader
+    mcore_torch._get_filesystem_reader = lambda *a, **k: (seen.append(msc.is_enabled()),
+                                                           reader(*a, **k))[1]
+    msc._enabled = True  # as megatron sets it when the package is installed
+    m = build()
+    same_weights_for_any_split(m.module, 1)  # a non-zero head too
+    m.save_part(f"{path}/head", "head")
+    m.save_part(f"{path}/trunk", "trunk")
+    fresh = build()
+    with torch.no_grad():
+        for q in fresh.module.parameters():
+            q.add_(1.0)
+    a = {k: v for k, v in m.module.state_dict().items() if torch.is_tensor(v)}
+    before = {k: v.clone() for k, v in fresh.module.state_dict().items() if torch.is_tensor(v)}
+    fresh.load_part(f"{path}/head", "head")
+    fresh.load_part(f"{path}/trunk", "trunk")
+    b = fresh.module.state_dict()
+    flags = {"after": msc._enabled, "during_load": seen}
+    return (flags, all(torch.equal(a[k], b[k]) for k in a),
+            all(not torch.equal(a[k], before[k]) for k in a if a[k].is_floating_point()))
+
+
+def test_parts_are_written_in_this_process_and_read_without_msc(tmp_path):
+    ((flags, same, differs),) = run_workers(_in_process_worker, 1, str(tmp_path))
+    assert differs  # every weight differed before the load: the round trip is not trivial
+    assert same
+    assert flags["during_load"] and not any(flags["during_load"])
+    assert flags["after"] is True
+
+
 def _resume_worker(rank, world, path, mode):
     """4 steps straight, or 2 steps + save with the optimizer + a fresh model that loads and
     takes 2 more."""
