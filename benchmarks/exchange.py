@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import shutil
 import statistics
@@ -86,7 +87,7 @@ def bench_size(name, size, repeats, root: Path, compare: bool = False):
     model = engine(vocab, hidden, layers, heads, seq, head_layers=1)
     store = ArtifactStore(root / name / "exchange")
     row = {"size": name}
-    it = iter(range(10**6))
+    it = itertools.count()  # each hand-over its own iteration number
 
     def hand_over(kind, part):
         k = next(it)

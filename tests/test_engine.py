@@ -216,7 +216,7 @@ def test_parts_saved_at_tp2_or_pp2_load_at_tp1(tmp_path, tp, pp):
 def _in_process_worker(rank, world, path):
     """Save and load a part with megatron's forking caller made to fail and its MSC switch on:
     the write happens in this process, the files are read without MSC, the switch is back on
-    after, and the weights round-trip into a model built from another seed."""
+    after, and the weights round-trip into a model whose every weight was moved first."""
     from megatron.core.dist_checkpointing.strategies import async_utils
     from megatron.core.msc_utils import MultiStorageClientFeature as msc
 

@@ -124,15 +124,12 @@ def _save_in_process(request) -> None:
     written. The steps are the caller's (``TemporalAsyncCaller.schedule_async_call`` and
     ``AsyncRequest.execute_sync``): stage the tensors (``preload_fn``), write (its writer still
     forks one process per bucket), barrier, finalize (the metadata)."""
-    import torch
-
     if request.async_fn is not None:
         args = list(request.async_fn_args)
         if request.preload_fn:
             args[1] = request.preload_fn()
         request.async_fn(*args, **request.async_fn_kwargs)
-    if dist.is_initialized():
-        torch.distributed.barrier()
+    _barrier()
     for finalize in request.finalize_fns:
         finalize()
 
