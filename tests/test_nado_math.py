@@ -157,6 +157,30 @@ def test_nado_loss_matches_reference():
     assert parts["num_tokens"].item() == 3 + 4  # the unlabelled sample is masked
 
 
+def test_nado_loss_without_consistency_is_the_reference_ce():
+    """α = 0 (the GPT-2 prototype's loss) skips the consistency term: the loss and its gradient
+    equal the brute-force CE's, ``cons`` says "not computed" (NaN), and LM logits that would
+    make the consistency term non-finite (−inf, where 0 · inf would be NaN) do not reach it."""
+    z, s, tokens, labels, mask, weights = _random_nado_batch(2)
+    s.requires_grad_()
+    loss, parts = nado_loss(z, s, tokens, labels, mask, alpha=0.0, weights=weights)
+    _, ref_ce, _ = _nado_loss_reference(z, s.detach(), tokens, labels, mask, 0.0, weights)
+    assert loss.item() == pytest.approx(ref_ce, rel=1e-10)
+    assert math.isnan(parts["cons"].item())
+    loss.backward()
+    s2 = s.detach().clone().requires_grad_()
+    # the full path with a vanishing consistency weight: the CE's gradient, computed the long way
+    ce_only, _ = nado_loss(z, s2, tokens, labels, mask, alpha=1e-300, weights=weights)
+    ce_only.backward()
+    torch.testing.assert_close(s.grad, s2.grad, rtol=1e-9, atol=1e-12)
+    z_bad = z.clone()
+    z_bad[0, 3, :] = -math.inf  # no finite LM logit at one position
+    loss_bad, _ = nado_loss(z_bad, s.detach(), tokens, labels, mask, alpha=0.0, weights=weights)
+    assert loss_bad.item() == pytest.approx(ref_ce, rel=1e-10)
+    assert not math.isfinite(nado_loss(z_bad, s.detach(), tokens, labels, mask, alpha=1.0,
+                                       weights=weights)[0].item())
+
+
 def test_nado_loss_gradcheck():
     z, s, tokens, labels, mask, weights = _random_nado_batch(1, b=3, s=4, v=5)
     z.requires_grad_()

@@ -265,7 +265,10 @@ def nado_loss(
         labels: ``[b]`` float oracle labels in [0, 1]; NaN marks a sample without a label
             (failed oracle call), which is masked out, never counted as 0 or 1.
         loss_mask: ``[b, s]``, 1 where ``tokens[:, i]`` is a generated token.
-        alpha: weight of the consistency term.
+        alpha: weight of the consistency term. At ``alpha == 0`` (the GPT-2 prototype's
+            CE-only loss) the term is not computed: its four passes over ``[b, s, V]`` and their
+            backward were most of the step, for a zero contribution (and ``0 · inf`` would be
+            NaN); ``parts["cons"]`` is then NaN, "not computed".
         tp_group: tensor-parallel group; None = vocabulary not split.
         weights: optional ``[b]`` importance weights (p / q' of a proposal q'), self-normalised
             over the labelled samples of the batch.
@@ -297,6 +300,11 @@ def nado_loss(
     s_next = vocab_select(s, tokens, tp_group)  # s_i[y_i], [b, s]
     ce = -(c * F.logsigmoid(s_next) + (1.0 - c) * F.logsigmoid(-s_next))
 
+    ce_mean = (ce * token_w).sum() / num_tokens
+    if alpha == 0:
+        return ce_mean, {"ce": ce_mean.detach(), "cons": torch.full_like(ce_mean, math.nan),
+                         "num_tokens": num_tokens}
+
     log_p = vocab_log_softmax(z, tp_group)
     log_r = vocab_logsumexp(log_p + F.logsigmoid(s), tp_group)
     log_1mr = vocab_logsumexp(log_p + F.logsigmoid(-s), tp_group)
@@ -305,7 +313,6 @@ def nado_loss(
     # Consistency links two generated positions; the last generated token is CE's alone.
     cons_w = token_w[:, :-1] * mask[:, 1:]
 
-    ce_mean = (ce * token_w).sum() / num_tokens
     cons_mean = (cons * cons_w).sum() / num_tokens
     loss = ce_mean + alpha * cons_mean
     return loss, {"ce": ce_mean.detach(), "cons": cons_mean.detach(), "num_tokens": num_tokens}
