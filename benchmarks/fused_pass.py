@@ -12,6 +12,9 @@ one run (these machines are noisy: the ratios are the figures, not the seconds):
 - ``fused_compiled``: the same with ``compile=True`` (``model.acft.nado_head.compile_loss``:
   each chunk's forward and backward one ``torch.compile``-d function; compile time reported
   apart, as ``compile_s``);
+- ``fused_ref``, ``fused_ref_compiled``: the same two with a reference (the default
+  ``model.acft.reference: frozen``: q_ref from the reference's LM logits, projected chunk by
+  chunk from its hidden states like the NADO logits);
 - ``fused_at_rev`` (``--baseline-rev REV``): the same function from ``git show
   REV:nemo_acft/nado/fused.py``, to measure a change of the pass;
 - ``projection``: the two ``hidden × V`` products the pass adds (forward + backward recompute),
@@ -79,6 +82,8 @@ def main(argv=None) -> Dict[str, Any]:
     w = torch.randn(v, h, generator=g) * 0.03
     y = torch.randint(0, v, (n,), generator=g)
     g_out = torch.rand(n, generator=g)
+    ref = {"ref_hidden": torch.randn(n, h, generator=g),
+           "ref_weight": torch.randn(v, h, generator=g) * 0.03}
 
     def sft_ce():
         z = z0.clone().requires_grad_()
@@ -101,6 +106,9 @@ def main(argv=None) -> Dict[str, Any]:
     cases: Dict[str, Callable] = {"clone": clone_only, "sft_ce": sft_ce,
                                   "fused": run(fused_ce_kl_from_hidden),
                                   "fused_compiled": run(fused_ce_kl_from_hidden, compile=True),
+                                  "fused_ref": run(fused_ce_kl_from_hidden, **ref),
+                                  "fused_ref_compiled": run(fused_ce_kl_from_hidden, **ref,
+                                                            compile=True),
                                   "projection": projection}
     if args.baseline_rev:
         cases["fused_at_rev"] = run(fused_at(args.baseline_rev))
@@ -131,6 +139,9 @@ def main(argv=None) -> Dict[str, Any]:
         "fused_compiled_vs_sft_ce": net["fused_compiled"] / net["sft_ce"],
         "fused_compiled_vs_fused": net["fused_compiled"] / net["fused"],
         "fused_minus_projection_vs_sft_ce": (net["fused"] - med["projection"]) / net["sft_ce"],
+        "compile_ref_s": warm["fused_ref_compiled"] - med["fused_ref_compiled"],
+        "fused_ref_vs_sft_ce": net["fused_ref"] / net["sft_ce"],
+        "fused_ref_compiled_vs_fused_ref": net["fused_ref_compiled"] / net["fused_ref"],
     }
     if "fused_at_rev" in net:
         figures["baseline_rev"] = args.baseline_rev

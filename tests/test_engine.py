@@ -535,14 +535,20 @@ def test_version_check_names_versions(monkeypatch):
 # --- the reference (model.acft.reference: frozen | base) ------------------------------------
 
 
-def _ref_step_worker(rank, world, tp, pp, path):
+def _ref_step_worker(rank, world, tp, pp, path, compile_loss=False):
     """An LM step whose q comes from a frozen reference: (1) with the reference equal to the
     model, the same metrics as q from the model itself; (2) after the trunk has moved, the
     metrics, and at TP = PP = 1 the float64 brute force of the loss and the output layer's
     gradient from the two models' raw logits."""
     from nemo_acft.models.objectives import LMLoss, Regularizer
+    from nemo_acft.nado.fused import _COMPILED
 
-    m = build(tp=tp, pp=pp, world=world)
+    _COMPILED.clear()  # this worker's compiles only (a fork inherits the test process's)
+    extra = {}
+    if compile_loss:
+        extra = {"acft": {"nado_head": {"num_layers": 1, "fp32": False,
+                                        "loss_chunk_tokens": 256, "compile_loss": True}}}
+    m = build(tp=tp, pp=pp, world=world, **extra)
     same_weights_for_any_split(m.module, tp)
     m.configure_training("trunk", m.cfg.optim, max_steps=10)
     m.save_part(f"{path}/trunk", "trunk")
@@ -567,15 +573,13 @@ def _ref_step_worker(rank, world, tp, pp, path):
             zr, sr = m.reference_module(b["inputs"], pos, None)
         handle.remove()
         out.update(z=z, zr=zr, sr=sr, h=hidden["h"].transpose(0, 1))
+    out["compiled"] = sorted(f.__name__ for f in _COMPILED)
     return out
 
 
-def test_lm_step_with_a_frozen_reference(tmp_path):
-    (one,) = run_workers(_ref_step_worker, 1, 1, 1, str(tmp_path / "a"))
-    # (1) reference = the model: the same step as q from the model
-    for key in ("loss", "lm_loss", "penalty", "kl", "mean_z"):
-        assert one["same"][key] == pytest.approx(one["current"][key], rel=1e-5), key
-    # (2) brute force in float64 from the raw logits of the moved model and the reference
+def _ref_step_against_float64(one):
+    """(2) of :func:`_ref_step_worker`: brute force in float64 from the raw logits of the moved
+    model and the reference."""
     b = corpus_batch(seed=3)
     z = one["z"].double().requires_grad_()
     log_p = torch.log_softmax(z, -1)
@@ -596,6 +600,15 @@ def test_lm_step_with_a_frozen_reference(tmp_path):
     assert abs(moved["lm_loss"] - one["same"]["lm_loss"]) > 1e-3  # the trunk moved
     ref_w = torch.einsum("bsv,bsh->vh", z.grad, one["h"].double())
     torch.testing.assert_close(one["w_grad"].double(), ref_w, rtol=1e-4, atol=1e-7)
+
+
+def test_lm_step_with_a_frozen_reference(tmp_path):
+    (one,) = run_workers(_ref_step_worker, 1, 1, 1, str(tmp_path / "a"))
+    # (1) reference = the model: the same step as q from the model
+    for key in ("loss", "lm_loss", "penalty", "kl", "mean_z"):
+        assert one["same"][key] == pytest.approx(one["current"][key], rel=1e-5), key
+    _ref_step_against_float64(one)
+    assert one["compiled"] == []
     # (3) TP = 2 and PP = 2: the same metrics (the reference's forward runs in the step at
     # PP = 1 and as its own forward-only pipeline pass at PP = 2)
     for tp, pp in ((2, 1), (1, 2)):
@@ -604,3 +617,11 @@ def test_lm_step_with_a_frozen_reference(tmp_path):
                 for key in ("loss", "lm_loss", "penalty", "kl", "mean_z", "gated_share"):
                     assert r[name][key] == pytest.approx(one[name][key], rel=2e-5, abs=1e-7), \
                         (tp, pp, name, key)
+
+
+def test_lm_step_with_a_frozen_reference_compiled(tmp_path):
+    """``compile_loss: true`` with the reference (the default ``reference: frozen``): the
+    compiled chunks run in the model's step and give the float64 brute force."""
+    (one,) = run_workers(_ref_step_worker, 1, 1, 1, str(tmp_path / "a"), True)
+    assert {"_fwd_chunk_tp1_ref", "_bwd_chunk_tp1_ref"} <= set(one["compiled"])
+    _ref_step_against_float64(one)

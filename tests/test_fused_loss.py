@@ -278,3 +278,32 @@ def test_compiled_chunks_equal_float64_formulas_at_ordinary_and_extreme_logits()
     torch.testing.assert_close(grad.double(), expected, rtol=1e-4, atol=1e-5)
     from nemo_acft.nado.fused import _COMPILED, _bwd_chunk_tp1, _fwd_chunk_tp1
     assert {_fwd_chunk_tp1, _bwd_chunk_tp1} <= set(_COMPILED)  # the compiled path ran
+
+
+def test_compiled_reference_chunks_equal_float64_formulas_at_ordinary_and_extreme_logits():
+    """``compile=True`` with a reference (q_ref from its logits, the default ``reference:
+    frozen``) against the float64 formulas: ordinary rows, logits of ±1e4 in the model and in
+    the reference, a reference row offset by 3e4, R ≈ 0 and ≈ 1, a token the head rules out, a
+    remainder chunk."""
+    from nemo_acft.nado.fused import _COMPILED, _bwd_chunk_tp1_ref, _fwd_chunk_tp1_ref
+
+    z, s, y, g_ce, g_kl = _inputs(n=8, v=40, scale=1.0, seed=6)
+    zr = _inputs(n=8, v=40, scale=2.0, seed=7)[0]
+    z[0] *= 1e4
+    zr[1] *= 1e4  # q_ref one-hot
+    zr[6] += 3e4  # a large offset: q_ref ordinary, its O(1) part kept only shift by shift
+    s[2] = -1e4 + s[2]
+    s[3] = 1e4 + s[3]
+    s[4, 5] = float("-inf")
+    zr[5, y[5]] = -1e4
+    zz = z.clone().requires_grad_(True)
+    ce, kl, log_z = fused_ce_kl(zz, s, y, chunk_tokens=6, ref_lm_logits=zr, compile=True)
+    ((ce * g_ce.float()).sum() + (kl * g_kl.float()).sum()).backward()
+    assert {_fwd_chunk_tp1_ref, _bwd_chunk_tp1_ref} <= set(_COMPILED)  # the compiled path ran
+    assert torch.isfinite(kl).all() and torch.isfinite(zz.grad).all()
+    r_ce, r_kl, r_log_z, p, q = _ref_formulas(z, zr, s, y)
+    torch.testing.assert_close(ce.double(), r_ce, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(kl.double(), r_kl, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(log_z.double(), r_log_z, rtol=1e-5, atol=1e-4)
+    expected = g_ce[:, None] * (p - F.one_hot(y, 40).double()) + g_kl[:, None] * (p - q)
+    torch.testing.assert_close(zz.grad.double(), expected, rtol=1e-4, atol=1e-5)

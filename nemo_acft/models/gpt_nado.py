@@ -49,8 +49,8 @@ class NADOHeadConfig:
         loss_chunk_tokens: the training loss (CE + KL) with labels: tokens per chunk of the
             fused pass (:func:`nemo_acft.nado.fused.fused_ce_kl`); 0 = the unfused path
             (``cross_entropy`` and ``closed_form_kl`` under autograd).
-        compile_loss: ``torch.compile`` each chunk of the fused pass (TP = 1, ``reference:
-            current``; elsewhere the eager pass): its elementwise work fused, at a one-off
+        compile_loss: ``torch.compile`` each chunk of the fused pass (TP = 1, any
+            ``reference``; at TP > 1 the eager pass): its elementwise work fused, at a one-off
             compile of tens of seconds per process (``benchmarks/fused_pass.py``).
     """
 
@@ -355,7 +355,8 @@ class GPTNADOModel(GPTModel):
         if chunk > 0:
             lm_loss, kl, log_z = fused_ce_kl_from_hidden(
                 lm_logits, ref.nado, ref.nado_weight, y, tp_group(), chunk,
-                ref_hidden=ref.lm, ref_weight=ref.lm_weight)
+                ref_hidden=ref.lm, ref_weight=ref.lm_weight,
+                compile=self.nado_config.compile_loss)
         else:
             with torch.no_grad():
                 ref_logits = ref.lm.float() @ ref.lm_weight.float().t()

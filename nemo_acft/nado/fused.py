@@ -57,17 +57,21 @@ def _row_max(x: torch.Tensor, tp_group: ProcessGroup) -> torch.Tensor:
     return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 
+def _finite_max(x):
+    """Row max ``[c, 1]`` of ``x``, 0 where it is not finite (a row of −inf)."""
+    m = x.amax(dim=-1, keepdim=True)
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
 def _fwd_chunk_tp1(z, s, y):
     """One chunk of the forward at TP = 1 without a reference, the same formulas as the eager
     loop of :class:`_FusedCEKL` in one function, for ``torch.compile`` to fuse its elementwise
     passes (no collectives in between at TP = 1). Returns ce, kl, log_z, m, c_p, c_q, shift."""
     acc = _acc_dtype(z.dtype)
     log_r = F.logsigmoid(s.to(acc))
-    m_r = log_r.amax(dim=-1, keepdim=True)
-    m_r = torch.where(torch.isfinite(m_r), m_r, torch.zeros_like(m_r))
+    m_r = _finite_max(log_r)
     log_r = log_r - m_r
-    m = z.amax(dim=-1, keepdim=True).to(acc)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    m = _finite_max(z).to(acc)
     a = z.to(acc) - m
     c_p = torch.exp(a).sum(dim=-1).log()
     v = z.shape[-1]
@@ -75,8 +79,7 @@ def _fwd_chunk_tp1(z, s, y):
     picked = a.gather(-1, y.clamp(0, v - 1).unsqueeze(-1)).squeeze(-1)
     a_y = torch.where(in_shard, picked, torch.zeros_like(picked))
     b = a + log_r
-    m_q = b.amax(dim=-1, keepdim=True)
-    m_q = torch.where(torch.isfinite(m_q), m_q, torch.zeros_like(m_q))
+    m_q = _finite_max(b)
     e = torch.exp(b - m_q)
     sum_q = e.sum(dim=-1)
     c_q = m_q.squeeze(-1) + sum_q.log()
@@ -93,6 +96,51 @@ def _bwd_chunk_tp1(z, s, y, m, c_p, c_q, shift, g_ce, g_kl):
     acc = _acc_dtype(z.dtype)
     a = z.to(acc) - m.unsqueeze(-1)
     q = torch.exp(F.logsigmoid(s.to(acc)) - shift.unsqueeze(-1) + a - c_q.unsqueeze(-1))
+    p = torch.exp(a - c_p.unsqueeze(-1))
+    g = (g_ce + g_kl).unsqueeze(-1) * p - g_kl.unsqueeze(-1) * q
+    v = z.shape[-1]
+    in_shard = (y >= 0) & (y < v)
+    src = torch.where(in_shard, -g_ce, torch.zeros_like(g_ce)).unsqueeze(-1)
+    return g.scatter_add(-1, y.clamp(0, v - 1).unsqueeze(-1), src).to(z.dtype)
+
+
+def _fwd_chunk_tp1_ref(z, s, b, y):
+    """One chunk of the forward at TP = 1 with a reference (``b``: its LM logits), the formulas
+    of the eager loop and :func:`_ref_kl_chunk` in one function for ``torch.compile``. Returns
+    ce, kl, log_z, m, c_p, c_q, shift, m_ref."""
+    acc = _acc_dtype(z.dtype)
+    log_r = F.logsigmoid(s.to(acc))
+    m_r = _finite_max(log_r)
+    log_r = log_r - m_r
+    m = _finite_max(z).to(acc)
+    a = z.to(acc) - m
+    c_p = torch.exp(a).sum(dim=-1).log()
+    v = z.shape[-1]
+    in_shard = (y >= 0) & (y < v)
+    picked = a.gather(-1, y.clamp(0, v - 1).unsqueeze(-1)).squeeze(-1)
+    a_y = torch.where(in_shard, picked, torch.zeros_like(picked))
+    b = b.to(acc)
+    m_ref = _finite_max(b)
+    b = b - m_ref
+    c_pref = torch.exp(b).sum(dim=-1).log()
+    t = b + log_r
+    m_q = _finite_max(t)
+    c_q = m_q.squeeze(-1) + torch.exp(t - m_q).sum(dim=-1).log()
+    log_q = t - c_q.unsqueeze(-1)
+    d = (log_q - (a - c_p.unsqueeze(-1))) * log_q.exp()
+    kl = torch.nan_to_num(d, nan=0.0, neginf=0.0).sum(dim=-1).clamp_min(0.0)
+    log_z = c_q - c_pref + m_r.squeeze(-1)
+    return (c_p - a_y, kl, log_z, m.squeeze(-1), c_p, c_q, m_r.squeeze(-1),
+            m_ref.squeeze(-1))
+
+
+def _bwd_chunk_tp1_ref(z, s, b, y, m, c_p, c_q, shift, m_ref, g_ce, g_kl):
+    """One chunk of the backward at TP = 1 with a reference (see :func:`_fwd_chunk_tp1_ref`):
+    ``g_ce (p − onehot(y)) + g_kl (p − q_ref)``, each shift subtracted from its own term."""
+    acc = _acc_dtype(z.dtype)
+    a = z.to(acc) - m.unsqueeze(-1)
+    log_r = F.logsigmoid(s.to(acc)) - shift.unsqueeze(-1)
+    q = torch.exp(log_r + (b.to(acc) - m_ref.unsqueeze(-1)) - c_q.unsqueeze(-1))
     p = torch.exp(a - c_p.unsqueeze(-1))
     g = (g_ce + g_kl).unsqueeze(-1) * p - g_kl.unsqueeze(-1) * q
     v = z.shape[-1]
@@ -129,12 +177,16 @@ class _FusedCEKL(torch.autograd.Function):
         ce = torch.empty(n, dtype=acc, device=z.device)
         kl, log_z, m_all, c_p, c_q, shift, m_ref = (torch.empty_like(ce) for _ in range(7))
         start = tp_rank(tp_group) * v_local
-        compiled = bool(compile) and ref_chunk is None and tp_world_size(tp_group) == 1
+        compiled = bool(compile) and tp_world_size(tp_group) == 1
         for i in range(0, n, chunk):
             j = min(i + chunk, n)
             if compiled:
-                outs = _compiled(_fwd_chunk_tp1)(z[i:j], s_chunk(i, j), targets[i:j])
-                for buf, x in zip((ce, kl, log_z, m_all, c_p, c_q, shift), outs):
+                if ref_chunk is None:
+                    outs = _compiled(_fwd_chunk_tp1)(z[i:j], s_chunk(i, j), targets[i:j])
+                else:
+                    outs = _compiled(_fwd_chunk_tp1_ref)(z[i:j], s_chunk(i, j),
+                                                         ref_chunk(i, j), targets[i:j])
+                for buf, x in zip((ce, kl, log_z, m_all, c_p, c_q, shift, m_ref), outs):
                     buf[i:j] = x
                 continue
             # logσ(s) shifted so that its max is 0 (see losses._shifted_log_sigmoid)
@@ -192,10 +244,15 @@ class _FusedCEKL(torch.autograd.Function):
         rows = torch.arange(min(ctx.chunk, n), device=z.device)
         for i in range(0, n, ctx.chunk):
             j = min(i + ctx.chunk, n)
-            if ctx.compiled:
+            if ctx.compiled and ref_chunk is None:
                 grad[i:j] = _compiled(_bwd_chunk_tp1)(z[i:j], s_chunk(i, j), targets[i:j],
                                                       m_all[i:j], c_p[i:j], c_q[i:j],
                                                       shift[i:j], g_ce[i:j], g_kl[i:j])
+                continue
+            if ctx.compiled:
+                grad[i:j] = _compiled(_bwd_chunk_tp1_ref)(
+                    z[i:j], s_chunk(i, j), ref_chunk(i, j), targets[i:j], m_all[i:j], c_p[i:j],
+                    c_q[i:j], shift[i:j], m_ref[i:j], g_ce[i:j], g_kl[i:j])
                 continue
             gc, gk = g_ce[i:j].unsqueeze(-1), g_kl[i:j].unsqueeze(-1)
             # a' = z − m, in the gradient's own rows where that is fp32 (no copy at the end)
@@ -278,11 +335,11 @@ def fused_ce_kl(
         ref_lm_logits: ``[..., V_local]`` a reference's LM logits: q ∝ p_ref·σ(s) instead of
             p·σ(s) (``closed_form_kl``'s ``ref_lm_logits``; ``s`` is then the head on the
             reference's hidden states). No gradient flows to them.
-        compile: at TP = 1 without a reference, each chunk's forward and backward as one
-            ``torch.compile``-d function (:func:`_fwd_chunk_tp1`, :func:`_bwd_chunk_tp1`): its
-            elementwise passes fused (measured 0.22× the eager chunk on CPU at 1,024 × 32k,
-            ``benchmarks/fused_pass.py``), at a one-off compile of tens of seconds. Elsewhere
-            the eager loop (the TP > 1 collectives sit between the passes).
+        compile: at TP = 1, each chunk's forward and backward as one ``torch.compile``-d
+            function (:func:`_fwd_chunk_tp1`, :func:`_bwd_chunk_tp1`; with a reference
+            :func:`_fwd_chunk_tp1_ref`, :func:`_bwd_chunk_tp1_ref`): its elementwise passes
+            fused (``benchmarks/fused_pass.py``), at a one-off compile of tens of seconds.
+            At TP > 1 the eager loop (the collectives sit between the passes).
     Returns:
         ``ce``, ``kl`` (differentiable w.r.t. z) and ``log_z`` (no grad), each ``[...]`` in fp32
         (fp64 for fp64 logits), replicated over ``tp_group``.
