@@ -106,6 +106,9 @@ def test_layouts_step_like_tp1(tp1_steps, tp, pp, world):
 def _reference_worker(rank, world, compile_loss=False):
     """The step's loss and gradient against float64 from the raw logits."""
     from nemo_acft.models.objectives import LMLoss, Regularizer
+    from nemo_acft.nado.fused import _COMPILED
+
+    _COMPILED.clear()  # this worker's compiles only (a fork inherits the test process's)
 
     m = build(acft={"nado_head": {"num_layers": 1, "fp32": False, "loss_chunk_tokens": 256,
                                   "compile_loss": compile_loss}})
@@ -142,8 +145,6 @@ def _reference_worker(rank, world, compile_loss=False):
         handle.remove()
     h = hidden["h"].transpose(0, 1).double()  # [b, s, hidden]
     ref_w = torch.einsum("bsv,bsh->vh", z.grad, h)
-    from nemo_acft.nado.fused import _COMPILED
-
     return {"loss": out_metrics["lm_loss"] + out_metrics["penalty"], "ref": float(loss),
             "compiled": len(_COMPILED),
             "gated_share": out_metrics["gated_share"],

@@ -63,10 +63,9 @@ def _finite_max(x):
     return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 
-def _fwd_chunk_tp1(z, s, y):
-    """One chunk of the forward at TP = 1 without a reference, the same formulas as the eager
-    loop of :class:`_FusedCEKL` in one function, for ``torch.compile`` to fuse its elementwise
-    passes (no collectives in between at TP = 1). Returns ce, kl, log_z, m, c_p, c_q, shift."""
+def _p_and_ce_tp1(z, s, y):
+    """What both compiled forwards start with: the shifted ``logσ(s)`` and its shift, ``a' = z
+    − m``, ``c_p`` and the target's ``a'``."""
     acc = _acc_dtype(z.dtype)
     log_r = F.logsigmoid(s.to(acc))
     m_r = _finite_max(log_r)
@@ -78,25 +77,12 @@ def _fwd_chunk_tp1(z, s, y):
     in_shard = (y >= 0) & (y < v)
     picked = a.gather(-1, y.clamp(0, v - 1).unsqueeze(-1)).squeeze(-1)
     a_y = torch.where(in_shard, picked, torch.zeros_like(picked))
-    b = a + log_r
-    m_q = _finite_max(b)
-    e = torch.exp(b - m_q)
-    sum_q = e.sum(dim=-1)
-    c_q = m_q.squeeze(-1) + sum_q.log()
-    q_log_r = torch.nan_to_num(log_r * e, nan=0.0, neginf=0.0).sum(dim=-1) / sum_q
-    kl = (q_log_r - (c_q - c_p)).clamp_min(0.0)
-    log_z = c_q - c_p + m_r.squeeze(-1)
-    return c_p - a_y, kl, log_z, m.squeeze(-1), c_p, c_q, m_r.squeeze(-1)
+    return log_r, m_r.squeeze(-1), m.squeeze(-1), a, c_p, a_y
 
 
-def _bwd_chunk_tp1(z, s, y, m, c_p, c_q, shift, g_ce, g_kl):
-    """One chunk of the backward at TP = 1 without a reference (see :func:`_fwd_chunk_tp1`):
-    ``g_ce (p − onehot(y)) + g_kl (p − q)`` in z's dtype, the shifts subtracted one at a time as
-    in the eager loop."""
-    acc = _acc_dtype(z.dtype)
-    a = z.to(acc) - m.unsqueeze(-1)
-    q = torch.exp(F.logsigmoid(s.to(acc)) - shift.unsqueeze(-1) + a - c_q.unsqueeze(-1))
-    p = torch.exp(a - c_p.unsqueeze(-1))
+def _grad_tp1(z, y, p, q, g_ce, g_kl):
+    """What both compiled backwards end with: ``g_ce (p − onehot(y)) + g_kl (p − q)`` in z's
+    dtype."""
     g = (g_ce + g_kl).unsqueeze(-1) * p - g_kl.unsqueeze(-1) * q
     v = z.shape[-1]
     in_shard = (y >= 0) & (y < v)
@@ -104,22 +90,37 @@ def _bwd_chunk_tp1(z, s, y, m, c_p, c_q, shift, g_ce, g_kl):
     return g.scatter_add(-1, y.clamp(0, v - 1).unsqueeze(-1), src).to(z.dtype)
 
 
+def _fwd_chunk_tp1(z, s, y):
+    """One chunk of the forward at TP = 1 without a reference, the same formulas as the eager
+    loop of :class:`_FusedCEKL` in one function, for ``torch.compile`` to fuse its elementwise
+    passes (no collectives in between at TP = 1). Returns ce, kl, log_z, m, c_p, c_q, shift."""
+    log_r, shift, m, a, c_p, a_y = _p_and_ce_tp1(z, s, y)
+    b = a + log_r
+    m_q = _finite_max(b)
+    e = torch.exp(b - m_q)
+    sum_q = e.sum(dim=-1)
+    c_q = m_q.squeeze(-1) + sum_q.log()
+    q_log_r = torch.nan_to_num(log_r * e, nan=0.0, neginf=0.0).sum(dim=-1) / sum_q
+    kl = (q_log_r - (c_q - c_p)).clamp_min(0.0)
+    log_z = c_q - c_p + shift
+    return c_p - a_y, kl, log_z, m, c_p, c_q, shift
+
+
+def _bwd_chunk_tp1(z, s, y, m, c_p, c_q, shift, g_ce, g_kl):
+    """One chunk of the backward at TP = 1 without a reference (see :func:`_fwd_chunk_tp1`),
+    the shifts subtracted one at a time as in the eager loop."""
+    acc = _acc_dtype(z.dtype)
+    a = z.to(acc) - m.unsqueeze(-1)
+    q = torch.exp(F.logsigmoid(s.to(acc)) - shift.unsqueeze(-1) + a - c_q.unsqueeze(-1))
+    return _grad_tp1(z, y, torch.exp(a - c_p.unsqueeze(-1)), q, g_ce, g_kl)
+
+
 def _fwd_chunk_tp1_ref(z, s, b, y):
     """One chunk of the forward at TP = 1 with a reference (``b``: its LM logits), the formulas
     of the eager loop and :func:`_ref_kl_chunk` in one function for ``torch.compile``. Returns
     ce, kl, log_z, m, c_p, c_q, shift, m_ref."""
-    acc = _acc_dtype(z.dtype)
-    log_r = F.logsigmoid(s.to(acc))
-    m_r = _finite_max(log_r)
-    log_r = log_r - m_r
-    m = _finite_max(z).to(acc)
-    a = z.to(acc) - m
-    c_p = torch.exp(a).sum(dim=-1).log()
-    v = z.shape[-1]
-    in_shard = (y >= 0) & (y < v)
-    picked = a.gather(-1, y.clamp(0, v - 1).unsqueeze(-1)).squeeze(-1)
-    a_y = torch.where(in_shard, picked, torch.zeros_like(picked))
-    b = b.to(acc)
+    log_r, shift, m, a, c_p, a_y = _p_and_ce_tp1(z, s, y)
+    b = b.to(a.dtype)
     m_ref = _finite_max(b)
     b = b - m_ref
     c_pref = torch.exp(b).sum(dim=-1).log()
@@ -129,24 +130,18 @@ def _fwd_chunk_tp1_ref(z, s, b, y):
     log_q = t - c_q.unsqueeze(-1)
     d = (log_q - (a - c_p.unsqueeze(-1))) * log_q.exp()
     kl = torch.nan_to_num(d, nan=0.0, neginf=0.0).sum(dim=-1).clamp_min(0.0)
-    log_z = c_q - c_pref + m_r.squeeze(-1)
-    return (c_p - a_y, kl, log_z, m.squeeze(-1), c_p, c_q, m_r.squeeze(-1),
-            m_ref.squeeze(-1))
+    log_z = c_q - c_pref + shift
+    return c_p - a_y, kl, log_z, m, c_p, c_q, shift, m_ref.squeeze(-1)
 
 
 def _bwd_chunk_tp1_ref(z, s, b, y, m, c_p, c_q, shift, m_ref, g_ce, g_kl):
     """One chunk of the backward at TP = 1 with a reference (see :func:`_fwd_chunk_tp1_ref`):
-    ``g_ce (p − onehot(y)) + g_kl (p − q_ref)``, each shift subtracted from its own term."""
+    q_ref in place of q, each shift subtracted from its own term."""
     acc = _acc_dtype(z.dtype)
     a = z.to(acc) - m.unsqueeze(-1)
     log_r = F.logsigmoid(s.to(acc)) - shift.unsqueeze(-1)
     q = torch.exp(log_r + (b.to(acc) - m_ref.unsqueeze(-1)) - c_q.unsqueeze(-1))
-    p = torch.exp(a - c_p.unsqueeze(-1))
-    g = (g_ce + g_kl).unsqueeze(-1) * p - g_kl.unsqueeze(-1) * q
-    v = z.shape[-1]
-    in_shard = (y >= 0) & (y < v)
-    src = torch.where(in_shard, -g_ce, torch.zeros_like(g_ce)).unsqueeze(-1)
-    return g.scatter_add(-1, y.clamp(0, v - 1).unsqueeze(-1), src).to(z.dtype)
+    return _grad_tp1(z, y, torch.exp(a - c_p.unsqueeze(-1)), q, g_ce, g_kl)
 
 
 _COMPILED = {}
