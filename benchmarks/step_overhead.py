@@ -14,7 +14,9 @@ and backward in megatron-core's schedule, loss, gradient clipping, NeMo's AdamW)
   and ``closed_form_kl``);
 - ``acft_ref``: the default ``model.acft.reference=frozen``: q from a frozen reference (a second
   copy of the model, ``set_reference``), one no-grad forward of its trunk and head per batch and
-  its logits projected inside the fused pass; the current head does not run.
+  its logits projected inside the fused pass; the current head does not run;
+- ``acft_ref_compiled``: the same with ``model.acft.nado_head.compile_loss`` (each chunk of the
+  fused pass a ``torch.compile``-d function; compiled in the warm-up steps).
 
 Beside each measured ratio, the FLOP-predicted one (:func:`flops`: matrix multiplies counted from
 the shapes, backward = 2 × forward, the fused pass's recomputed projections included) and
@@ -59,7 +61,7 @@ GPU_SIZES = {
     "1b_32k": (2048, 16, 16, 32768, 4, 2048),
     "1b_128k": (2048, 16, 16, 131072, 4, 2048),
 }
-VARIANTS = ("sft", "acft", "acft_unfused", "acft_ref")
+VARIANTS = ("sft", "acft", "acft_unfused", "acft_ref", "acft_ref_compiled")
 
 
 def flops(size, variant) -> float:
@@ -74,7 +76,8 @@ def flops(size, variant) -> float:
     proj = 2 * hidden * vocab
     sft = 3 * (layers * layer + proj)
     extra = {"sft": 0, "acft": layer + 2 * proj, "acft_unfused": layer + proj,
-             "acft_ref": (layers + 1) * layer + 4 * proj}[variant]
+             "acft_ref": (layers + 1) * layer + 4 * proj,
+             "acft_ref_compiled": (layers + 1) * layer + 4 * proj}[variant]
     return float((sft + extra) * batch * seq)
 
 
@@ -88,7 +91,9 @@ def build(size, variant, device, dtype):
                    device=device)
     model.configure_training("trunk", {"name": "adamw", "lr": 1e-4, "weight_decay": 0.0},
                              max_steps=1)
-    if variant == "acft_ref":  # the reference: this model's own θ and φ, saved and loaded back
+    model.module.nado_config.compile_loss = variant == "acft_ref_compiled"
+    if variant.startswith("acft_ref"):  # the reference: this model's own θ and φ, saved and
+        # loaded back
         import tempfile
 
         tmp = Path(tempfile.mkdtemp(prefix="acft_ref_"))
@@ -106,7 +111,7 @@ def step(model, optimizer, params, data, variant):
     from nemo_acft.models.objectives import Regularizer
 
     reg = None if variant == "sft" else Regularizer(torch.tensor([1.0]), delta=0.95,
-                                                    reference=variant == "acft_ref")
+                                                    reference=variant.startswith("acft_ref"))
     model.lm_step(data, reg, micro_batch_size=data["inputs"].shape[0])
 
 
@@ -124,6 +129,7 @@ def time_variants(size, device, dtype, repeats, warmup):
 
     def one(v):
         model.module.nado_config.loss_chunk_tokens = 0 if v == "acft_unfused" else chunk
+        model.module.nado_config.compile_loss = v == "acft_ref_compiled"
         step(model, optimizer, params, data, v)
 
     times = {v: [] for v in VARIANTS}
@@ -255,16 +261,22 @@ def main(argv=None):
             "acft_ref_peak_mb": mem["acft_ref"]["peak"] / 2**20,
             "ref_time_ratio": times["acft_ref"] / times["sft"],
             "ref_peak_mem_ratio": mem["acft_ref"]["peak"] / mem["sft"]["peak"],
+            "acft_ref_compiled_ms": times["acft_ref_compiled"] * 1e3,
+            "ref_compiled_time_ratio": times["acft_ref_compiled"] / times["sft"],
+            "ref_compiled_vs_eager_time_ratio": times["acft_ref_compiled"] / times["acft_ref"],
+            "ref_compiled_peak_mem_ratio": mem["acft_ref_compiled"]["peak"] / mem["sft"]["peak"],
         })
         r = rows[-1]
-        for v, key in (("acft", "time_ratio"), ("acft_ref", "ref_time_ratio")):
+        for v, key in (("acft", "time_ratio"), ("acft_ref", "ref_time_ratio"),
+                       ("acft_ref_compiled", "ref_compiled_time_ratio")):
             pred = flops(sizes[name], v) / flops(sizes[name], "sft")
             r[f"{v}_flop_ratio"] = pred
             r[f"{v}_overhead_vs_flop_bound"] = (r[key] - 1) / (pred - 1)
         print(f"[{name}] measured in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     cols = ("size", "sft_ms", "acft_ms", "acft_unfused_ms", "acft_ref_ms", "time_ratio",
             "acft_flop_ratio", "acft_overhead_vs_flop_bound", "ref_time_ratio",
-            "acft_ref_flop_ratio", "acft_ref_overhead_vs_flop_bound", "sft_peak_mb",
+            "acft_ref_flop_ratio", "acft_ref_overhead_vs_flop_bound", "ref_compiled_time_ratio",
+            "acft_ref_compiled_overhead_vs_flop_bound", "sft_peak_mb",
             "acft_peak_mb", "acft_ref_peak_mb", "peak_mem_ratio", "ref_peak_mem_ratio",
             "step_mem_ratio", "fused_vs_unfused_time_ratio", "fused_vs_unfused_mem_ratio")
     print(f"device: {device_name}, dtype {dtype}, medians of {args.repeats} interleaved steps")
