@@ -135,14 +135,15 @@ ABLATIONS = {
     # from θ_0 (also with NADO decoding: ``--only nado_decoding@1+nado=separate``)
     "nado=separate": {"nado_head": {"kind": "separate", "num_layers": "trunk"}},
     # R's data and loss (issue 14's NADO-quality knobs; with NADO decoding, the direct test of R):
-    # soft labels (the oracle's score, as the prototype's 1 − toxicity), no consistency term (the
-    # GPT-2 prototype's loss), four continuations per prompt (4× the samples, same NADO steps)
+    # soft labels (the oracle's score, as the prototype's 1 − toxicity), the consistency term
+    # (NADO 2022's loss; the default is the GPT-2 prototype's CE alone, α 0), four continuations
+    # per prompt (4× the samples, same NADO steps)
     "labels=soft": {"+oracle": {"threshold": None}},
-    "alpha=0": {"alpha": 0.0},
+    "alpha=1": {"alpha": 1.0},
     "samples=4": {"oracle_block": {"samples_per_prompt": 4}},
 }
 #: ``--ablations``: the variants also run with NADO decoding (they change R, not the LM update)
-NADO_ABLATIONS = ("nado=separate", "labels=soft", "alpha=0", "samples=4")
+NADO_ABLATIONS = ("nado=separate", "labels=soft", "alpha=1", "samples=4")
 
 
 def _merge(into: Dict[str, Any], change: Dict[str, Any]) -> None:

@@ -91,6 +91,11 @@ def test_quick_mode_end_to_end(tmp_path):
     # filtering dropped training statements, and only from the toxigen domain's hateful ones
     stats = json.loads((out / "runs" / "filtering_0.5" / "filtering" / "filter.json").read_text())
     assert stats["dropped"] > 0 and stats["dropped_by_domain"]["toxigen"] > 0
+    # issue 14's CI acceptance: no ACFT row more toxic than the plain fine-tune (measured margins
+    # with the defaults: 0.11-0.14 on seeds 1234, 7 and 2026)
+    for m in ("acft", "acft_adaptive"):
+        assert results[m]["toxic_share"] <= results["baseline"]["toxic_share"], (
+            m, results[m]["toxic_share"], results["baseline"]["toxic_share"])
     checks = results["_run"]["checks"]["acft_adaptive"]
     cut = 1 - results["acft_adaptive"]["toxic_share"] / results["baseline"]["toxic_share"]
     assert checks["toxic_share_cut_vs_baseline"] == pytest.approx(cut)
@@ -128,14 +133,14 @@ def test_separate_nado_variant_has_its_own_run_and_the_trunks_depth(tmp_path):
 
 
 def test_nado_quality_variants_change_one_key_each(tmp_path):
-    """labels=soft reaches the top-level oracle section; samples=4 and alpha=0 change one key
+    """labels=soft reaches the top-level oracle section; samples=4 and alpha=1 change one key
     of model.acft and leave its siblings."""
     from benchmarks.paper_table import point_config
 
     cfg = {"run_dir": "x", "pretrain": {"model": {"num_layers": 3}},
            "oracle": {"name": "sklearn_text", "threshold": 0.5},
            "nado_decoding": {"guidance": 2.0},
-           "model": {"acft": {"alpha": 1.0, "nado_head": {"kind": "head", "num_layers": 1},
+           "model": {"acft": {"alpha": 0.0, "nado_head": {"kind": "head", "num_layers": 1},
                               "oracle_block": {"prompts": 64, "samples_per_prompt": 1}}}}
     soft = point_config(cfg, "nado_decoding", 1.0, tmp_path, "labels=soft")
     assert soft["oracle"] == {"name": "sklearn_text", "threshold": None}
@@ -143,9 +148,9 @@ def test_nado_quality_variants_change_one_key_each(tmp_path):
     four = point_config(cfg, "nado_decoding", 1.0, tmp_path, "samples=4")
     assert four["model"]["acft"]["oracle_block"] == {"prompts": 64, "samples_per_prompt": 4}
     assert four["oracle"]["threshold"] == 0.5
-    assert point_config(cfg, "acft_adaptive", 4.0, tmp_path, "alpha=0")["model"]["acft"][
-        "alpha"] == 0.0
-    assert cfg["oracle"]["threshold"] == 0.5 and cfg["model"]["acft"]["alpha"] == 1.0
+    assert point_config(cfg, "acft_adaptive", 4.0, tmp_path, "alpha=1")["model"]["acft"][
+        "alpha"] == 1.0
+    assert cfg["oracle"]["threshold"] == 0.5 and cfg["model"]["acft"]["alpha"] == 0.0
 
 
 def test_combine_seeds_by_hand():
