@@ -277,7 +277,7 @@ def build_judges(data_dir: Path, out: Path, files: Dict[str, str], seed: int) ->
 
 
 def make_config(spec: Dict[str, Any], out: Path, files: Dict[str, str], judges: Dict[str, str],
-                seed: int) -> Dict[str, Any]:
+                seed: int, cache_dir: Optional[Path] = None) -> Dict[str, Any]:
     """The run config: ``conf/tiny_cpu.yaml`` (composed by Hydra, as ``acft-train`` does) with
     this benchmark's data, model and budget."""
     from hydra import compose, initialize_config_dir
@@ -287,7 +287,7 @@ def make_config(spec: Dict[str, Any], out: Path, files: Dict[str, str], judges: 
 
     a, f, p = spec["acft"], spec["finetune"], spec["pretrain"]
     over = {
-        "run_dir": str(out / "runs" / "baseline"), "cache_dir": str(out / "cache"),
+        "run_dir": str(out / "runs" / "baseline"), "cache_dir": str(cache_dir or out / "cache"),
         "seed": seed, "threads": 1, "progress": False,
         "data.source": "files", "data.train_file": files["train"],
         "data.pretrain_file": files["train"], "data.heldout_file": files["heldout"],
@@ -678,6 +678,10 @@ def main(argv=None) -> Dict[str, Any]:
                          "baseline is always evaluated")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--workers", type=int, default=2, help="points trained at the same time")
+    ap.add_argument("--cache-dir", default=None,
+                    help="the pre-trained tiny GPT and its tokenizer (default: OUT/cache); keyed "
+                         "by the data's contents, so runs of one seed in other --out folders "
+                         "share them")
     ap.add_argument("--combine", nargs="+", default=None, metavar="RESULTS_JSON",
                     help="no training: mean ± sd over these seeds' results.json, written to "
                          "--out as seeds.md / seeds.json")
@@ -734,10 +738,11 @@ def main(argv=None) -> Dict[str, Any]:
           f"data {data_dir}, out {out}", flush=True)
     built = build_files(data_dir, out / "data", spec, args.seed)
     judges = build_judges(data_dir, out / "data", built["files"], args.seed)
-    cfg = make_config(spec, out, built["files"], judges, args.seed)
+    cfg = make_config(spec, out, built["files"], judges, args.seed,
+                      Path(args.cache_dir) if args.cache_dir else None)
     print(f"[paper_table] data: {built['counts']}", flush=True)
 
-    # the tokenizer and the pre-trained tiny GPT once (cached in out/cache): the prepare phase
+    # the tokenizer and the pre-trained tiny GPT once (cached in --cache-dir): the prepare phase
     # of the baseline's run directory, which also trains the plain fine-tune
     _, info = resolve_model_config(cfg)
     t = time.perf_counter()

@@ -69,3 +69,35 @@ def test_readers_name_file_and_line_or_skip_and_count(tmp_path):
     assert read_prompts(pj) == (["the sky", "my friend"], 0)
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         read_records(tmp_path / "missing.jsonl")
+
+
+def test_builtin_cache_keys_follow_the_files_contents_not_their_paths(tmp_path):
+    """Two run folders with the same corpus written at different paths and times share the
+    cached tokenizer and tiny GPT; one changed byte, another seed or another pre-training
+    setting does not."""
+    import copy
+    import os
+
+    from nemo_acft.algorithms.setup import builtin_keys
+
+    def cfg_for(folder, text="a b c\n"):
+        folder.mkdir()
+        (folder / "train.jsonl").write_text(text)
+        os.utime(folder / "train.jsonl", (1, 1) if folder.name == "a" else (2, 2))
+        return {"seed": 1, "cache_dir": str(tmp_path / "cache"),
+                "data": {"source": "files", "train_file": str(folder / "train.jsonl"),
+                         "pretrain_file": str(folder / "train.jsonl"), "heldout_file": None},
+                "pretrain": {"tokenizer": {"vocab_size": 64}, "optim": {"lr": 1e-3},
+                             "steps": 10}}
+
+    a, b = cfg_for(tmp_path / "a"), cfg_for(tmp_path / "b")
+    assert builtin_keys(a) == builtin_keys(b)
+    changed = cfg_for(tmp_path / "c", "a b d\n")
+    assert builtin_keys(changed)["tokenizer"] != builtin_keys(a)["tokenizer"]
+    other_seed = copy.deepcopy(a)
+    other_seed["seed"] = 2
+    assert builtin_keys(other_seed)["gpt"] != builtin_keys(a)["gpt"]
+    longer = copy.deepcopy(a)
+    longer["pretrain"]["steps"] = 20
+    keys = builtin_keys(longer)
+    assert keys["tokenizer"] == builtin_keys(a)["tokenizer"] and keys["gpt"] != builtin_keys(a)["gpt"]

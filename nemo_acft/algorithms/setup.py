@@ -56,12 +56,15 @@ def model_dir(cfg: Dict[str, Any]) -> Path:  # noqa: D103
 
 
 def builtin_keys(cfg: Dict[str, Any]) -> Dict[str, str]:
-    """Cache keys of the built-in tokenizer and tiny GPT (``cache_dir``): they depend on the data,
-    the seed and the ``pretrain`` section only, so every run of the same corpus shares them."""
+    """Cache keys of the built-in tokenizer and tiny GPT (``cache_dir``): they depend on the data
+    (the files' contents, xxh3-128, not their paths or times), the seed and the ``pretrain``
+    section only, so every run of the same corpus shares them, wherever its files were written."""
+    from nemo_acft.algorithms.exchange import _digest as file_digest
+
     d = cfg["data"]
-    files = {k: (v, Path(v).stat().st_mtime, Path(v).stat().st_size)
-             for k, v in d.items() if k.endswith("_file") and v}
-    tok = _digest({"data": d, "files": files, "seed": cfg["seed"],
+    files = {k: file_digest(Path(v)) for k, v in d.items() if k.endswith("_file") and v}
+    settings = {k: v for k, v in d.items() if not k.endswith("_file")}
+    tok = _digest({"data": settings, "files": files, "seed": cfg["seed"],
                    "tokenizer": cfg["pretrain"]["tokenizer"]})
     gpt = _digest({"tokenizer": tok, "pretrain": cfg["pretrain"],
                    "optim": cfg["pretrain"]["optim"]})
