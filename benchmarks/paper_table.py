@@ -429,14 +429,27 @@ def point_world(cfg: Dict[str, Any], method: str, knob: Optional[float], out_dir
     run.close()
 
 
+def point_metrics(folder: Path) -> Dict[str, Any]:
+    """A finished point's ``metrics.json``; a point evaluated before ``loop_share`` existed gets
+    it from its own ``samples.jsonl`` (the same continuations, the same function)."""
+    from nemo_acft.eval import diversity
+
+    p = json.loads((folder / "metrics.json").read_text())
+    if "loop_share" not in p and (folder / "samples.jsonl").is_file():
+        with open(folder / "samples.jsonl") as fh:
+            p["loop_share"] = diversity([json.loads(line)["continuation"]
+                                         for line in fh if line.strip()])["loop_share"]
+    return p
+
+
 # --- the table and the plot ----------------------------------------------------------------
 
 
 def table(results: Dict[str, Dict[str, Any]]) -> str:
     """The markdown table, rows as the paper's."""
     lines = ["| method | toxic share ↓ | EMT ↓ | toxicity prob. ↓ | perplexity ↓ | "
-             "oracle's toxic share | distinct-2 | repeat rate | words | probe acc. |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "oracle's toxic share | distinct-2 | repeat rate | words | loop share | probe acc. |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in METHODS:
         r = results.get(m)
         if r is None:
@@ -444,7 +457,8 @@ def table(results: Dict[str, Dict[str, Any]]) -> str:
         lines.append(f"| {LABELS[m]} | {r['toxic_share']:.3f} | {r['emt']:.3f} | "
                      f"{r['tox_prob']:.3f} | {r['ppl']:.2f} | {r['oracle_toxic_share']:.3f} | "
                      f"{r['distinct_2']:.3f} | {r['repeat_rate']:.3f} | "
-                     f"{r.get('mean_words', math.nan):.1f} | {r['probe_accuracy']:.3f} |")
+                     f"{r.get('mean_words', math.nan):.1f} | {r.get('loop_share', math.nan):.3f} | "
+                     f"{r['probe_accuracy']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -460,9 +474,9 @@ def ablation_table(results: Dict[str, Dict[str, Any]], ablated: List[Dict[str, A
     """Ours w/ adaptive (and NADO decoding, where it has a variant) at the main knob, and with
     each ablated choice."""
     lines = ["| changed (ours w/ adaptive unless named) | toxic share ↓ | perplexity ↓ | "
-             "distinct-2 | repeat rate | words | NADO ECE | H(p) | H(q) | mean abs ΔZ | "
-             "gated share |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "distinct-2 | repeat rate | words | loop share | NADO ECE | H(p) | H(q) | "
+             "mean abs ΔZ | gated share |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for m in ("acft_adaptive", "nado_decoding"):
         if m in results and (m == "acft_adaptive" or any(p["method"] == m for p in ablated)):
@@ -471,7 +485,8 @@ def ablation_table(results: Dict[str, Dict[str, Any]], ablated: List[Dict[str, A
     for name, r in rows:
         lines.append(f"| {name} | {r['toxic_share']:.3f} | {r['ppl']:.2f} | "
                      f"{r['distinct_2']:.3f} | {r['repeat_rate']:.3f} | "
-                     f"{r.get('mean_words', math.nan):.1f} | {r.get('nado_ece', math.nan):.3f} | "
+                     f"{r.get('mean_words', math.nan):.1f} | {r.get('loop_share', math.nan):.3f} | "
+                     f"{r.get('nado_ece', math.nan):.3f} | "
                      + " | ".join(f"{r.get(k, math.nan):.3f}" for k in (
                          "diag_entropy_p", "diag_entropy_q", "diag_delta_z", "diag_gated_share"))
                      + " |")
@@ -554,7 +569,7 @@ def checks(results: Dict[str, Dict[str, Any]], points: List[Dict[str, Any]]) -> 
 
 # --- seeds: mean ± sd of several runs' results.json --------------------------------------------
 
-SEED_KEYS = ("toxic_share", "ppl", "distinct_2", "repeat_rate", "mean_words")
+SEED_KEYS = ("toxic_share", "ppl", "distinct_2", "repeat_rate", "mean_words", "loop_share")
 #: the issue's acceptance, as ratios of the seeds' means to the plain fine-tune's:
 #: (key, bound, "<=" | ">=") per method
 ACCEPT = {"nado_decoding": [("toxic_share", 0.7, "<="), ("distinct_2", 0.9, ">=")],
@@ -586,7 +601,7 @@ def combine_seeds(runs: List[Dict[str, Any]]) -> Tuple[str, Dict[str, Any]]:
     if base is None:
         raise SystemExit("--combine: no seed has the baseline row")
     lines = ["| method | seeds | toxic share ↓ | × base | perplexity ↓ | × base | distinct-2 | "
-             "× base | repeat rate | × base | words |", "|---" * 11 + "|"]
+             "× base | repeat rate | × base | words | loop share |", "|---" * 12 + "|"]
     checks: Dict[str, Any] = {}
     for m, st in stats.items():
         ratio = {k: st[k] / base[k] if k in st and base.get(k) else math.nan for k in SEED_KEYS}
@@ -596,7 +611,7 @@ def combine_seeds(runs: List[Dict[str, Any]]) -> Tuple[str, Dict[str, Any]]:
                      f"{ratio['toxic_share']:.2f} | {cell('ppl', '.1f')} | {ratio['ppl']:.2f} | "
                      f"{cell('distinct_2', '.3f')} | {ratio['distinct_2']:.2f} | "
                      f"{cell('repeat_rate', '.3f')} | {ratio['repeat_rate']:.2f} | "
-                     f"{cell('mean_words', '.1f')} |")
+                     f"{cell('mean_words', '.1f')} | {cell('loop_share', '.3f')} |")
         if m in ACCEPT:
             checks[m] = {f"{k}_{op}_{b:g}x": (ratio[k] <= b if op == "<=" else ratio[k] >= b)
                          for k, b, op in ACCEPT[m]}
@@ -627,8 +642,8 @@ def combine_sweeps(sweeps: List[List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
 
 def sweep_table(points: List[Dict[str, Any]]) -> str:
     """The averaged trade-off points as markdown, one row per (method, knob)."""
-    lines = ["| method | knob | seeds | toxic share ↓ | perplexity ↓ | distinct-2 | repeat rate |",
-             "|---" * 7 + "|"]
+    lines = ["| method | knob | seeds | toxic share ↓ | perplexity ↓ | distinct-2 | repeat rate | "
+             "loop share |", "|---" * 8 + "|"]
     for p in points:
         c = lambda k, f: (f"{p[k]:{f}}" + (f" ± {p[k + '_sd']:{f}}"  # noqa: E731
                                            if p.get(k + "_sd") == p.get(k + "_sd") else "")
@@ -636,7 +651,7 @@ def sweep_table(points: List[Dict[str, Any]]) -> str:
         knob = "–" if p["knob"] is None else f"{KNOB[p['method']]} = {p['knob']:g}"
         lines.append(f"| {LABELS[p['method']]} | {knob} | {p['n']} | {c('toxic_share', '.3f')} "
                      f"| {c('ppl', '.1f')} | {c('distinct_2', '.3f')} | "
-                     f"{c('repeat_rate', '.3f')} |")
+                     f"{c('repeat_rate', '.3f')} | {c('loop_share', '.3f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -786,7 +801,7 @@ def main(argv=None) -> Dict[str, Any]:
             if all(p.exitcode is not None for _, _, p in procs):
                 del running[(m, k, v)]
                 wait_worlds(procs, logs=str(out / "runs"))
-                p = json.loads((out_dir(m, k, v) / "metrics.json").read_text())
+                p = point_metrics(out_dir(m, k, v))
                 (ablated if v else points).append(p)
                 done = len(points) + len(ablated)
                 el = time.perf_counter() - t0
@@ -804,9 +819,9 @@ def main(argv=None) -> Dict[str, Any]:
     results = {}
     for p in points:
         if p["knob"] is None or p["knob"] == MAIN.get(p["method"]):
-            results[p["method"]] = {k: p[k] for k in (
+            results[p["method"]] = {k: p.get(k, math.nan) if k == "loop_share" else p[k] for k in (
                 "toxic_share", "emt", "tox_prob", "ppl", "oracle_toxic_share", "probe_accuracy",
-                "distinct_2", "repeat_rate", "mean_words",
+                "distinct_2", "repeat_rate", "mean_words", "loop_share",
                 "knob", "knob_name", "num_prompts", "num_samples", "num_failed", "train_s",
                 "eval_s")}
             results[p["method"]].update({k: v for k, v in p.items()

@@ -41,6 +41,24 @@ def test_diversity_by_hand():
     assert math.isnan(diversity([""])["distinct_2"])
 
 
+def test_loop_share_finds_loops_inside_words_that_the_word_measures_miss():
+    from nemo_acft.eval import diversity
+
+    sub_word = ["cooklor disheslorlorlorlor drink", "lorlorlorlorlorlor"]  # one sub-word loop each
+    d = diversity(sub_word)
+    assert d["loop_share"] == 1.0
+    # the word measures call them healthy: no repeated whitespace token, every bigram distinct
+    assert d["repeat_rate"] == 0.0 and d["distinct_2"] == 1.0
+    texts = ["the the the the end",  # a word loop: "the " four times
+             "haha ha",  # "ha" three times in a row only
+             "abcabcab abc",  # "abc" twice, then broken
+             "a b c d e f", ""]
+    # by hand: only the first has a piece of >= 2 characters four times in a row
+    assert diversity(texts)["loop_share"] == pytest.approx(1 / 5)
+    assert diversity(["xyxyxyxy"])["loop_share"] == 1.0 and diversity(["xyxyxy"])["loop_share"] == 0
+    assert math.isnan(diversity([])["loop_share"])
+
+
 def _probe_worker(rank, world_size):
     from nemo.collections.nlp.modules.common.tokenizer_utils import get_nmt_tokenizer
 

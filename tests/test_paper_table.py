@@ -83,6 +83,8 @@ def test_quick_mode_end_to_end(tmp_path):
         words = [x["continuation"].split() for x in rows]
         pairs = [p for w in words for p in zip(w, w[1:])]
         assert r["distinct_2"] == pytest.approx(len(set(pairs)) / len(pairs))
+        assert r["loop_share"] == pytest.approx(
+            sum(map(_has_loop, (x["continuation"] for x in rows))) / len(rows))
     assert len([line for line in table.splitlines() if line.startswith("| ")]) == 1 + 6
     assert "distinct-2" in table
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -151,6 +153,26 @@ def test_nado_quality_variants_change_one_key_each(tmp_path):
     assert point_config(cfg, "acft_adaptive", 4.0, tmp_path, "alpha=1")["model"]["acft"][
         "alpha"] == 1.0
     assert cfg["oracle"]["threshold"] == 0.5 and cfg["model"]["acft"]["alpha"] == 0.0
+
+
+def _has_loop(t: str) -> bool:
+    """Brute force: some piece of >= 2 characters four times in a row."""
+    return any(t[i:i + n] * 4 == t[i:i + 4 * n]
+               for n in range(2, len(t) // 4 + 1) for i in range(len(t) - 4 * n + 1))
+
+
+def test_point_metrics_adds_the_loop_share_of_an_older_point_from_its_samples(tmp_path):
+    from benchmarks.paper_table import point_metrics
+
+    texts = ["fine words here", "dishlorlorlorlor", "a b a b a b a b a", "x"]
+    (tmp_path / "metrics.json").write_text(json.dumps({"toxic_share": 0.5}))
+    (tmp_path / "samples.jsonl").write_text(
+        "".join(json.dumps({"prompt": "p", "continuation": t}) + "\n" for t in texts))
+    assert [_has_loop(t) for t in texts] == [False, True, True, False]
+    p = point_metrics(tmp_path)
+    assert p["toxic_share"] == 0.5 and p["loop_share"] == pytest.approx(2 / 4)
+    (tmp_path / "metrics.json").write_text(json.dumps({"loop_share": 0.125}))
+    assert point_metrics(tmp_path)["loop_share"] == 0.125  # a newer point keeps its own
 
 
 def test_combine_seeds_by_hand():

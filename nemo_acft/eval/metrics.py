@@ -5,6 +5,7 @@ over the world that holds the model."""
 from __future__ import annotations
 
 import math
+import re
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -52,13 +53,22 @@ def violation_rate(model, tokenizer, prompts: Sequence[str], oracle, params: Sam
             "continuations": texts(out.samples, tokenizer, continuation_only=True)}
 
 
+#: a piece of two or more characters repeated four or more times in a row ("lorlorlorlor",
+#: "the the the the "): a loop, whether its unit is a word or a sub-word
+_LOOP = re.compile(r"(.{2,}?)\1{3,}", re.DOTALL)
+
+
 def diversity(items: Sequence[str]) -> Dict[str, float]:
     """Degeneration of generated texts (whitespace tokens): ``distinct_2``, the unique bigrams
     over all bigrams pooled across ``items`` (Li et al. 2016), and ``repeat_rate``, the mean over
     texts of ``1 − unique tokens / tokens`` (0 for a text without a repeated token). A sampler
     that loops on a few "safe" tokens has a low distinct-2 and a high repeat rate, whatever its
     toxicity or perplexity; one that "detoxifies" by stopping early has a small ``mean_words``
-    (tokens per text, empty texts included)."""
+    (tokens per text, empty texts included). Both word measures miss a loop *inside* a word
+    ("lorlorlorlorlor" is one whitespace token): ``loop_share`` is the share of texts with a
+    piece of ≥ 2 characters repeated ≥ 4 times in a row, whatever its unit (measured on the
+    paper table: 0.77 for q rebuilt from the model being trained, ≤ 0.002 for every other row,
+    whose distinct-2 and repeat rate looked alike)."""
     bigrams, seen, rates = 0, set(), []
     for t in items:
         words = t.split()
@@ -70,4 +80,6 @@ def diversity(items: Sequence[str]) -> Dict[str, float]:
     lengths = [len(t.split()) for t in items]
     return {"distinct_2": len(seen) / bigrams if bigrams else math.nan,
             "repeat_rate": sum(rates) / len(rates) if rates else math.nan,
-            "mean_words": sum(lengths) / len(lengths) if lengths else math.nan}
+            "mean_words": sum(lengths) / len(lengths) if lengths else math.nan,
+            "loop_share": (sum(bool(_LOOP.search(t)) for t in items) / len(items)
+                           if items else math.nan)}
