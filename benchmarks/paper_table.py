@@ -431,14 +431,17 @@ def point_world(cfg: Dict[str, Any], method: str, knob: Optional[float], out_dir
 
 def point_metrics(folder: Path) -> Dict[str, Any]:
     """A finished point's ``metrics.json``; a point evaluated before ``loop_share`` existed gets
-    it from its own ``samples.jsonl`` (the same continuations, the same function)."""
+    it from its own ``samples.jsonl`` (the same continuations, the same function), NaN without
+    one."""
     from nemo_acft.eval import diversity
 
     p = json.loads((folder / "metrics.json").read_text())
-    if "loop_share" not in p and (folder / "samples.jsonl").is_file():
-        with open(folder / "samples.jsonl") as fh:
-            p["loop_share"] = diversity([json.loads(line)["continuation"]
-                                         for line in fh if line.strip()])["loop_share"]
+    if "loop_share" not in p:
+        p["loop_share"] = math.nan
+        if (folder / "samples.jsonl").is_file():
+            with open(folder / "samples.jsonl") as fh:
+                p["loop_share"] = diversity([json.loads(line)["continuation"]
+                                             for line in fh if line.strip()])["loop_share"]
     return p
 
 
@@ -819,7 +822,7 @@ def main(argv=None) -> Dict[str, Any]:
     results = {}
     for p in points:
         if p["knob"] is None or p["knob"] == MAIN.get(p["method"]):
-            results[p["method"]] = {k: p.get(k, math.nan) if k == "loop_share" else p[k] for k in (
+            results[p["method"]] = {k: p[k] for k in (
                 "toxic_share", "emt", "tox_prob", "ppl", "oracle_toxic_share", "probe_accuracy",
                 "distinct_2", "repeat_rate", "mean_words", "loop_share",
                 "knob", "knob_name", "num_prompts", "num_samples", "num_failed", "train_s",

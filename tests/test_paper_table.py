@@ -2,6 +2,7 @@
 data in ../shared/data (or $ACFT_DATA_DIR), its metrics recomputed from the samples it wrote."""
 
 import json
+import math
 import re
 import os
 import subprocess
@@ -173,6 +174,9 @@ def test_point_metrics_adds_the_loop_share_of_an_older_point_from_its_samples(tm
     assert p["toxic_share"] == 0.5 and p["loop_share"] == pytest.approx(2 / 4)
     (tmp_path / "metrics.json").write_text(json.dumps({"loop_share": 0.125}))
     assert point_metrics(tmp_path)["loop_share"] == 0.125  # a newer point keeps its own
+    (tmp_path / "metrics.json").write_text(json.dumps({"toxic_share": 0.5}))
+    (tmp_path / "samples.jsonl").unlink()
+    assert math.isnan(point_metrics(tmp_path)["loop_share"])  # nothing to count it from
 
 
 def test_combine_seeds_by_hand():

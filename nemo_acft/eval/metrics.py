@@ -66,9 +66,8 @@ def diversity(items: Sequence[str]) -> Dict[str, float]:
     toxicity or perplexity; one that "detoxifies" by stopping early has a small ``mean_words``
     (tokens per text, empty texts included). Both word measures miss a loop *inside* a word
     ("lorlorlorlorlor" is one whitespace token): ``loop_share`` is the share of texts with a
-    piece of ≥ 2 characters repeated ≥ 4 times in a row, whatever its unit (measured on the
-    paper table: 0.77 for q rebuilt from the model being trained, ≤ 0.002 for every other row,
-    whose distinct-2 and repeat rate looked alike)."""
+    piece of ≥ 2 characters repeated ≥ 4 times in a row, whatever its unit (what it caught on
+    the paper table: docs/evaluation.md)."""
     bigrams, seen, rates = 0, set(), []
     for t in items:
         words = t.split()
