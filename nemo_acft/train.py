@@ -39,13 +39,15 @@ def _layout(cfg, phase):
 
 
 def _phase_record(cfg, name: str, seconds: float) -> None:
-    """``run_dir/phases.json``: each phase's wall time (phases may run in different processes:
-    the roles of a Slurm job)."""
+    """``run_dir/phases.json``: each phase's wall time ``<name>_s`` and when it started
+    ``<name>_started`` (epoch seconds, the clock of the exchange manifests' ``created``); phases
+    may run in different processes: the roles of a Slurm job."""
     from nemo_acft.io_utils import atomic_write
 
     path = Path(cfg["run_dir"]) / "phases.json"
     phases = json.loads(path.read_text()) if path.is_file() else {}
     phases[f"{name}_s"] = seconds
+    phases[f"{name}_started"] = time.time() - seconds
     with atomic_write(path) as fh:
         json.dump(phases, fh, indent=1)
 

@@ -157,6 +157,32 @@ def test_sample_filtered_draws_the_nucleus_by_hand():
         torch.testing.assert_close(lp.double(), want[ids].log(), rtol=0, atol=1e-5)
 
 
+def test_draw_never_picks_a_masked_entry():
+    """The Gumbel-max draw at the edges: only the first / only the last / one interior entry
+    kept, masks at both ends, and probabilities spanning 1e-30..1 (fp32 log-probs)."""
+    from nemo_acft.models.generate import draw
+
+    inf = float("-inf")
+    rows = torch.full((4, 6), inf)
+    rows[0, 0] = rows[1, 5] = rows[2, 3] = 0.0
+    rows[3, 1:5] = torch.log(torch.tensor([1e-30, 0.5, 0.5 - 2e-30, 1e-30]))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        ids = draw(rows, g)
+        assert ids[:3].tolist() == [0, 5, 3]
+        assert 1 <= ids[3] <= 4 and torch.isfinite(rows[3, ids[3]])
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(3000, 50, generator=gen) * 4
+    logits[:, :5] = inf
+    lp = torch.log_softmax(logits, -1)
+    ids = draw(lp.repeat(20, 1), torch.Generator().manual_seed(2)).view(20, 3000)
+    freq = F.one_hot(ids, 50).double().mean(0)  # [3000, 50] over 20 draws per row
+    assert torch.isfinite(lp.gather(1, ids.T)).all()
+    want = lp.double().exp()
+    # mean over rows of (empirical − p): zero in expectation, sd ≈ sqrt(p/60000)
+    assert ((freq - want).mean(0).abs() < 5 * (want.mean(0) / 60000).sqrt() + 1e-9).all()
+
+
 def test_sampling_params_validation():
     import pytest
 
