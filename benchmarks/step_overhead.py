@@ -3,6 +3,7 @@
     python benchmarks/step_overhead.py                      # CPU sizes, tiny to the largest here
     python benchmarks/step_overhead.py --sizes tiny --repeats 5 --json out.json
     python benchmarks/step_overhead.py --device cuda        # bf16 ~1B GPT, 32k and 128k vocab
+                                                            # (+ MFU against the bf16 peak)
 
 Variants, each a real optimizer step of the engine (``MegatronGPTACFTModel.lm_step``: forward
 and backward in megatron-core's schedule, loss, gradient clipping, NeMo's AdamW):
@@ -62,6 +63,15 @@ GPU_SIZES = {
     "1b_128k": (2048, 16, 16, 131072, 4, 2048),
 }
 VARIANTS = ("sft", "acft", "acft_unfused", "acft_ref", "acft_ref_compiled")
+#: dense bf16 peak of a GPU by the start of its name (vendor data sheets, SXM parts), TFLOP/s
+PEAK_BF16_TFLOPS = {"NVIDIA H200": 989.0, "NVIDIA H100": 989.0, "NVIDIA A100": 312.0}
+
+
+def peak_tflops(device_name: str, override=None):
+    """The device's dense bf16 peak for MFU (``--peak-tflops`` wins; None: unknown device)."""
+    if override:
+        return override
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if device_name.startswith(k)), None)
 
 
 def flops(size, variant) -> float:
@@ -229,6 +239,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", default=None, help="write the figures here (flat dict)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the device's dense bf16 peak for MFU (default: known GPUs' data sheets)")
     ap.add_argument("--memory-child", nargs=2, metavar=("SIZE", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -272,6 +284,14 @@ def main(argv=None):
             pred = flops(sizes[name], v) / flops(sizes[name], "sft")
             r[f"{v}_flop_ratio"] = pred
             r[f"{v}_overhead_vs_flop_bound"] = (r[key] - 1) / (pred - 1)
+        peak = peak_tflops(device_name, args.peak_tflops) if args.device == "cuda" else None
+        if peak:  # MFU: SFT's model FLOPs per second of each variant over the peak; the
+            # ACFT variants' own FLOPs (head, reference) count in their hardware utilisation
+            for v in VARIANTS:
+                t = times[v]
+                r[f"{v}_mfu"] = flops(sizes[name], "sft") / t / (peak * 1e12)
+                r[f"{v}_hfu"] = flops(sizes[name], v) / t / (peak * 1e12)
+            r["peak_tflops"] = peak
         print(f"[{name}] measured in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     cols = ("size", "sft_ms", "acft_ms", "acft_unfused_ms", "acft_ref_ms", "time_ratio",
             "acft_flop_ratio", "acft_overhead_vs_flop_bound", "ref_time_ratio",
@@ -283,6 +303,9 @@ def main(argv=None):
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(r[c] if isinstance(r[c], str) else f"{r[c]:.3f}" for c in cols))
+        if "sft_mfu" in r:
+            print(f"{r['size']}: MFU " + ", ".join(f"{v} {r[v + '_mfu']:.3f}" for v in VARIANTS)
+                  + f" (peak {r['peak_tflops']:.0f} TFLOP/s bf16)")
     last = rows[-1]  # the headline figures: the largest size measured
     flat = {"device": device_name, "dtype": dtype, "size": last["size"]}
     for key in ("time_ratio", "peak_mem_ratio", "step_mem_ratio", "fused_vs_unfused_time_ratio",
@@ -297,6 +320,8 @@ def main(argv=None):
     flat["overhead_vs_flop_bound"] = max(worst["acft_overhead_vs_flop_bound"],
                                          worst["acft_ref_overhead_vs_flop_bound"])
     flat["overhead_vs_flop_bound_size"] = worst["size"]
+    if "sft_mfu" in last:
+        flat["sft_mfu"], flat["acft_ref_mfu"] = last["sft_mfu"], last["acft_ref_mfu"]
     if args.json:
         write_results(args.json, flat, plot, rows)
     return flat
