@@ -55,10 +55,20 @@ def _gathered_grads(model):
 
 def _steps_worker(rank, world, tp, pp):
     from nemo_acft.models.objectives import LMLoss, Regularizer
+    from nemo_acft.nado import fused
 
-    m = build(tp=tp, pp=pp, world=world)
+    # 24 tokens a chunk at TP 1 (× TP above): micro-batches of 64 tokens cross chunk boundaries
+    m = build(tp=tp, pp=pp, world=world, acft={"nado_head": {
+        "num_layers": 1, "fp32": False, "loss_chunk_tokens": 24, "kind": "head"}})
     same_weights_for_any_split(m.module, tp)
-    out = {}
+    out = {"chunks": set()}
+    apply = fused._apply
+
+    def spy(lm_logits, targets, tp_group, chunk_tokens, *a, **k):
+        out["chunks"].add(chunk_tokens)
+        return apply(lm_logits, targets, tp_group, chunk_tokens, *a, **k)
+
+    fused._apply = spy
     m.configure_training("trunk", m.cfg.optim, max_steps=10)
     reg = Regularizer(torch.tensor(LAMBDAS), None, 0.0)
     lm = [m.lm_step(corpus_batch(seed=i), reg, micro_batch_size=2) for i in range(2)]
@@ -83,9 +93,13 @@ def tp1_steps():
 @pytest.mark.parametrize("tp,pp,world", [(2, 1, 2), (1, 2, 2), (1, 1, 2)])
 def test_layouts_step_like_tp1(tp1_steps, tp, pp, world):
     """TP=2, PP=2 and data parallelism 2 (tp=pp=1 in a world of 2): the same losses, metrics and
-    gradients as one process on the same global batch (micro-batches of 2 rows)."""
+    gradients as one process on the same global batch (micro-batches of 2 rows), with the fused
+    pass cut into 24 × TP-token chunks (other boundaries at TP 2 than at TP 1)."""
     results = run_workers(_steps_worker, world, tp, pp)
+    assert tp1_steps["chunks"] == {24}
     for r in results:
+        if r["chunks"]:  # the last pipeline stage: a chunk of 24 × TP tokens
+            assert r["chunks"] == {24 * tp}, (tp, pp, r["chunks"])
         for ref, got in zip(tp1_steps["lm"], r["lm"]):
             for key in ("loss", "lm_loss", "penalty", "kl", "mean_z", "grad_norm", "lr"):
                 assert got[key] == pytest.approx(ref[key], rel=2e-5, abs=1e-7), (tp, pp, key)

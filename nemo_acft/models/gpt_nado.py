@@ -47,7 +47,9 @@ class NADOHeadConfig:
             separate model's layers (at least 1).
         fp32: keep the head's parameters and compute in fp32 whatever the trunk dtype.
         loss_chunk_tokens: the training loss (CE + KL) with labels: tokens per chunk of the
-            fused pass (:func:`nemo_acft.nado.fused.fused_ce_kl`); 0 = the unfused path
+            fused pass (:func:`nemo_acft.nado.fused.fused_ce_kl`) at TP = 1; at TP = t a chunk
+            holds t × as many tokens, so its ``[chunk, V/t]`` work buffers keep their size and
+            the pass's all-reduces (several per chunk) fall t-fold; 0 = the unfused path
             (``cross_entropy`` and ``closed_form_kl`` under autograd).
         compile_loss: ``torch.compile`` each chunk of the fused pass (TP = 1, any
             ``reference``; at TP > 1 the eager pass): its elementwise work fused, at a one-off
@@ -290,7 +292,7 @@ class GPTNADOModel(GPTModel):
             not self.training and inference_context is not None
             and inference_context.materialize_only_last_token_logits
         )
-        chunk = self.nado_config.loss_chunk_tokens
+        chunk = self.nado_config.loss_chunk_tokens * self.config.tensor_model_parallel_size
         if self._return_hidden or self._reference is not None:
             if self.config.sequence_parallel:
                 raise ValueError("model.acft.reference=frozen|base needs "
