@@ -45,6 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import write_results  # noqa: E402
+from nemo_acft.algorithms.exchange import ArtifactStore  # noqa: E402
 from nemo_acft.io_utils import save_figure  # noqa: E402
 
 #: the work of one iteration: LM block and oracle block of similar length on one core each
@@ -64,27 +65,27 @@ def run(run_dir: Path, cache: Path, schedule: str, overrides, analyse_only=False
     elif not (run_dir / "phases.json").is_file():
         raise FileNotFoundError(f"--analyse-only: {run_dir / 'phases.json'} does not exist")
     phases = json.loads((run_dir / "phases.json").read_text())
+    exchange, baseline = ArtifactStore(run_dir / "exchange"), ArtifactStore(run_dir / "baseline")
+    lm, nado = manifests(exchange, "lm"), manifests(exchange, "nado")  # θ_0.., φ_0..
+    sft = manifests(baseline, "lm")  # the plain fine-tune's θ_1..θ_K
     # plain SFT: the plain fine-tune's K LM blocks, as their manifests time them
-    phases["baseline_s"] = sum(json.loads(m.read_text())["seconds"] for m in
-                               (run_dir / "baseline" / "lm").glob("iter_*/manifest.json"))
-    phases["acft_iterations_s"] = iteration_times(run_dir / "exchange" / "lm",
-                                                  phases["acft_started"])
-    phases["sft_iterations_s"] = iteration_times(run_dir / "baseline" / "lm")
-    phases["lm_block_s"] = [json.loads(m.read_text())["seconds"] for m in
-                            sorted((run_dir / "exchange" / "lm").glob("iter_*/manifest.json"))[1:]]
-    phases["sft_block_s"] = [json.loads(m.read_text())["seconds"] for m in
-                             sorted((run_dir / "baseline" / "lm").glob("iter_*/manifest.json"))
-                             if "seconds" in json.loads(m.read_text())]
-    phases["oracle_block_s"] = [
-        json.loads(m.read_text())["seconds"]
-        for m in sorted((run_dir / "exchange" / "nado").glob("iter_*/manifest.json"))[1:]]
+    phases["sft_block_s"] = [m["seconds"] for m in sft]
+    phases["baseline_s"] = sum(phases["sft_block_s"])
+    phases["acft_iterations_s"] = iteration_times(lm, phases["acft_started"])
+    phases["sft_iterations_s"] = iteration_times(sft)
+    phases["lm_block_s"] = [m["seconds"] for m in lm[1:]]
+    phases["oracle_block_s"] = [m["seconds"] for m in nado[1:]]
     # before the steady state: start-up (worlds, model build, handshake, initial head: the ACFT
     # phase's start to the first oracle block's start) and the pipeline fill (the first oracle
     # block, which LM block 1 waits for in both schedules)
-    nado1 = manifest(run_dir / "exchange" / "nado", 1)
-    phases["fill_s"] = nado1["seconds"]
-    phases["startup_s"] = nado1["created"] - nado1["seconds"] - phases["acft_started"]
+    phases["fill_s"] = nado[1]["seconds"]
+    phases["startup_s"] = nado[1]["created"] - nado[1]["seconds"] - phases["acft_started"]
     return phases
+
+
+def manifests(store: ArtifactStore, kind: str):
+    """The manifests of a store's complete artifacts of ``kind``, by iteration."""
+    return [store.manifest(kind, k) for k in store.iterations(kind)]
 
 
 def lm_flop_ratio(run_dir: Path) -> float:
@@ -103,16 +104,11 @@ def lm_flop_ratio(run_dir: Path) -> float:
     return flops(size, variant) / flops(size, "sft")
 
 
-def manifest(store_kind: Path, k: int):
-    return json.loads((store_kind / f"iter_{k:06d}" / "manifest.json").read_text())
-
-
-def iteration_times(store_kind: Path, start=None):
-    """``created(θ_k) − created(θ_(k−1))`` for k = 1..K from the manifests of a store; with
-    ``start`` (epoch seconds), iteration 1 counts from it instead of from θ_0 (which the
-    prepare phase publishes before it runs the plain fine-tune)."""
-    created = [json.loads(m.read_text())["created"]
-               for m in sorted(store_kind.glob("iter_*/manifest.json"))]
+def iteration_times(manifests, start=None):
+    """``created(θ_k) − created(θ_(k−1))`` for k = 1..K from a store's manifests; with ``start``
+    (epoch seconds), iteration 1 counts from it instead of from θ_0 (which the prepare phase
+    publishes before it runs the plain fine-tune)."""
+    created = [m["created"] for m in manifests]
     if start is not None:
         created[0] = start
     return [b - a for a, b in zip(created, created[1:])]

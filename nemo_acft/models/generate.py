@@ -101,17 +101,16 @@ def sample_filtered(logits: torch.Tensor, top_k: int, top_p: float,
     draw itself is :func:`draw`."""
     if top_p >= 1.0:
         log_probs = torch.log_softmax(filter_logits(logits, top_k, top_p), -1)
-        ids = draw(log_probs, generator)
-        return ids, log_probs.gather(-1, ids[:, None]).squeeze(-1)
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    if 0 < top_k < logits.shape[-1]:  # ties with the k-th kept, as in filter_logits
-        sorted_logits = sorted_logits.masked_fill(
-            sorted_logits < sorted_logits[..., top_k - 1:top_k], float("-inf"))
-    probs = torch.softmax(sorted_logits, dim=-1)
-    drop = (probs.cumsum(-1) - probs) >= top_p
-    drop[..., 0] = False
-    sorted_lp = torch.log_softmax(sorted_logits.masked_fill_(drop, float("-inf")), -1)
-    log_probs = torch.empty_like(sorted_lp).scatter_(-1, order, sorted_lp)
+    else:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        if 0 < top_k < logits.shape[-1]:  # ties with the k-th kept, as in filter_logits
+            sorted_logits = sorted_logits.masked_fill(
+                sorted_logits < sorted_logits[..., top_k - 1:top_k], float("-inf"))
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        drop[..., 0] = False
+        sorted_lp = torch.log_softmax(sorted_logits.masked_fill_(drop, float("-inf")), -1)
+        log_probs = torch.empty_like(sorted_lp).scatter_(-1, order, sorted_lp)
     ids = draw(log_probs, generator)
     return ids, log_probs.gather(-1, ids[:, None]).squeeze(-1)
 
