@@ -90,8 +90,8 @@ def manifests(store: ArtifactStore, kind: str):
 
 def lm_flop_ratio(run_dir: Path) -> float:
     """FLOP-predicted ACFT LM step / SFT step for the run's model (``run_dir/model/``), by
-    ``step_overhead.flops``: with ``reference: current`` the frozen head alone, otherwise the
-    reference's forward too."""
+    ``step_overhead.flops``: with ``reference: current`` the frozen head alone, with
+    ``reference_on: oracle`` none (SFT's), otherwise the reference's forward too."""
     import yaml
 
     from benchmarks.step_overhead import flops
@@ -100,7 +100,9 @@ def lm_flop_ratio(run_dir: Path) -> float:
     vocab = json.loads((run_dir / "model" / "info.json").read_text())["vocab_size"]
     size = (cfg["hidden_size"], cfg["num_layers"], cfg["num_attention_heads"], vocab,
             cfg["global_batch_size"], cfg["encoder_seq_length"])
-    variant = "acft" if cfg["acft"].get("reference") == "current" else "acft_ref"
+    a = cfg["acft"]
+    variant = ("acft" if a.get("reference") == "current" else
+               "acft_shipped" if a.get("reference_on") == "oracle" else "acft_ref")
     return flops(size, variant) / flops(size, "sft")
 
 
@@ -168,6 +170,7 @@ def main(argv=None):
     seq, par, sft = [], [], []
     st_seq, st_par, st_sft, first, startup, fill = [], [], [], [], [], []
     lm_block, oracle_block, sft_block = [], [], []  # the sequential run's blocks, alone
+    between = []
     overrides = list(args.overrides)
     if args.tp2:
         overrides += ["model.tensor_model_parallel_size=2",
@@ -184,6 +187,10 @@ def main(argv=None):
         first.append(b["acft_iterations_s"][0])
         startup.append(b["startup_s"])
         lm_block.append(steady(a["lm_block_s"]))
+        # what the sequential iteration spends beyond its two blocks: with reference_on=oracle
+        # the reference's q for the LM block (and the blocks' loads and publications)
+        between.append(steady([it - o - lm for it, o, lm in zip(
+            a["acft_iterations_s"], a["oracle_block_s"], a["lm_block_s"])]))
         oracle_block.append(steady(a["oracle_block_s"]))
         sft_block.append(steady(a["sft_block_s"]))
         fill.append(b["fill_s"])
@@ -204,6 +211,11 @@ def main(argv=None):
     res["steady_lm_block_s"] = statistics.median(lm_block)
     res["steady_oracle_block_s"] = statistics.median(oracle_block)
     res["oracle_vs_lm_block"] = res["steady_oracle_block_s"] / res["steady_lm_block_s"]
+    res["steady_between_blocks_s"] = statistics.median(between)
+    # the oracle group's whole iteration (its block, and q with reference_on=oracle) / LM block
+    res["oracle_group_vs_lm_block"] = ((res["steady_oracle_block_s"]
+                                        + res["steady_between_blocks_s"])
+                                       / res["steady_lm_block_s"])
     # what the parallel schedule costs beyond its LM block alone (contention, the exchange)
     res["steady_parallel_vs_lm_block"] = res["steady_parallel_s"] / res["steady_lm_block_s"]
     res["steady_sft_block_s"] = statistics.median(sft_block)
@@ -232,7 +244,9 @@ def main(argv=None):
     print(f"blocks alone (sequential run): LM {res['steady_lm_block_s']:.1f} s "
           f"({res['lm_block_vs_sft_block']:.2f}x SFT's block; FLOP-predicted "
           f"{res['lm_block_flop_ratio']:.2f}x), oracle {res['steady_oracle_block_s']:.1f} s "
-          f"(oracle / LM {res['oracle_vs_lm_block']:.2f}); parallel / LM block "
+          f"(oracle / LM {res['oracle_vs_lm_block']:.2f}), between the blocks "
+          f"{res['steady_between_blocks_s']:.1f} s (oracle group / LM "
+          f"{res['oracle_group_vs_lm_block']:.2f}); parallel / LM block "
           f"{res['steady_parallel_vs_lm_block']:.2f}")
     if args.json:
         write_results(args.json, res, plot, res)

@@ -17,7 +17,12 @@ and backward in megatron-core's schedule, loss, gradient clipping, NeMo's AdamW)
   copy of the model, ``set_reference``), one no-grad forward of its trunk and head per batch and
   its logits projected inside the fused pass; the current head does not run;
 - ``acft_ref_compiled``: the same with ``model.acft.nado_head.compile_loss`` (each chunk of the
-  fused pass a ``torch.compile``-d function; compiled in the warm-up steps).
+  fused pass a ``torch.compile``-d function; compiled in the warm-up steps);
+- ``acft_shipped``: ``model.acft.reference_on=oracle``: the frozen reference's q computed
+  elsewhere (the oracle group) and given with the batch as its top 64 ids per token and a tail
+  bucket (``nado/sparse.py``); the step runs no reference and no head: SFT's FLOPs. Beside it,
+  ``q_ms``: what computing that q costs the oracle group per LM step
+  (``MegatronGPTACFTModel.reference_q``: a forward of trunk and head, the top-k).
 
 Beside each measured ratio, the FLOP-predicted one (:func:`flops`: matrix multiplies counted from
 the shapes, backward = 2 × forward, the fused pass's recomputed projections included) and
@@ -62,7 +67,9 @@ GPU_SIZES = {
     "1b_32k": (2048, 16, 16, 32768, 4, 2048),
     "1b_128k": (2048, 16, 16, 131072, 4, 2048),
 }
-VARIANTS = ("sft", "acft", "acft_unfused", "acft_ref", "acft_ref_compiled")
+VARIANTS = ("sft", "acft", "acft_unfused", "acft_ref", "acft_ref_compiled", "acft_shipped")
+#: ids of q shipped per token (model.acft.reference_top_k's default)
+SHIPPED_TOP_K = 64
 #: dense bf16 peak of a GPU by the start of its name (vendor data sheets, SXM parts), TFLOP/s
 PEAK_BF16_TFLOPS = {"NVIDIA H200": 989.0, "NVIDIA H100": 989.0, "NVIDIA A100": 312.0}
 
@@ -87,7 +94,8 @@ def flops(size, variant) -> float:
     sft = 3 * (layers * layer + proj)
     extra = {"sft": 0, "acft": layer + 2 * proj, "acft_unfused": layer + proj,
              "acft_ref": (layers + 1) * layer + 4 * proj,
-             "acft_ref_compiled": (layers + 1) * layer + 4 * proj}[variant]
+             "acft_ref_compiled": (layers + 1) * layer + 4 * proj,
+             "acft_shipped": 0}[variant]
     return float((sft + extra) * batch * seq)
 
 
@@ -114,14 +122,21 @@ def build(size, variant, device, dtype):
     tokens = torch.randint(0, vocab, (batch, seq + 1), generator=g)
     data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:].contiguous(),
             "loss_mask": torch.ones(batch, seq), "domain_ids": torch.zeros(batch, dtype=torch.long)}
+    if variant == "acft_shipped":  # this model's own q, as the oracle group would ship it
+        data.update(shipped_q(model, tokens))
     return model, None, None, data
+
+
+def shipped_q(model, tokens):
+    return model.reference_q(tokens, SHIPPED_TOP_K, micro_batch_size=tokens.shape[0])
 
 
 def step(model, optimizer, params, data, variant):
     from nemo_acft.models.objectives import Regularizer
 
-    reg = None if variant == "sft" else Regularizer(torch.tensor([1.0]), delta=0.95,
-                                                    reference=variant.startswith("acft_ref"))
+    reg = None if variant == "sft" else Regularizer(
+        torch.tensor([1.0]), delta=0.95, reference=variant.startswith(("acft_ref", "acft_sh")),
+        shipped=variant == "acft_shipped")
     model.lm_step(data, reg, micro_batch_size=data["inputs"].shape[0])
 
 
@@ -136,18 +151,23 @@ def time_variants(size, device, dtype, repeats, warmup):
     one model's memory, so that the largest shapes fit, and the same weights' state for all."""
     model, optimizer, params, data = build(size, "acft_ref", device, dtype)
     chunk = model.module.nado_config.loss_chunk_tokens
+    tokens = torch.cat([data["inputs"], data["targets"][:, -1:]], dim=1)
+    shipped = {**data, **shipped_q(model, tokens)}
 
     def one(v):
         model.module.nado_config.loss_chunk_tokens = 0 if v == "acft_unfused" else chunk
         model.module.nado_config.compile_loss = v == "acft_ref_compiled"
-        step(model, optimizer, params, data, v)
+        if v == "q":  # the oracle group's work for one LM step
+            shipped_q(model, tokens)
+        else:
+            step(model, optimizer, params, shipped if v == "acft_shipped" else data, v)
 
-    times = {v: [] for v in VARIANTS}
+    times = {v: [] for v in (*VARIANTS, "q")}
     for _ in range(warmup):
-        for v in VARIANTS:
+        for v in times:
             one(v)
     for _ in range(repeats):
-        for v in VARIANTS:
+        for v in times:
             _sync(device)
             t = time.perf_counter()
             one(v)
@@ -213,15 +233,18 @@ def plot(rows, path):
     names = [r["size"] for r in rows]
     x = range(len(names))
     fig, ax = plt.subplots(figsize=(9, 4))
-    w = 0.8 / 8
     series = (("time_ratio", "time ACFT/SFT"), ("acft_flop_ratio", "FLOPs ACFT/SFT"),
               ("ref_time_ratio", "time ACFT frozen ref/SFT"),
               ("acft_ref_flop_ratio", "FLOPs ACFT frozen ref/SFT"),
               ("peak_mem_ratio", "peak mem ACFT/SFT"),
               ("fused_vs_unfused_time_ratio", "time fused/unfused"),
-              ("fused_vs_unfused_mem_ratio", "step mem fused/unfused"))
+              ("fused_vs_unfused_mem_ratio", "step mem fused/unfused"),
+              ("shipped_time_ratio", "time ACFT q shipped/SFT"),
+              ("q_vs_sft_step", "q on the oracle group/SFT step"))
+    w = 0.8 / len(series)
     for i, (key, label) in enumerate(series):
-        ax.bar([xi + (i - 3.5) * w for xi in x], [r[key] for r in rows], w, label=label)
+        ax.bar([xi + (i - (len(series) - 1) / 2) * w for xi in x], [r[key] for r in rows], w,
+               label=label)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(list(x), names)
     ax.set_ylabel("ratio")
@@ -277,6 +300,11 @@ def main(argv=None):
             "ref_compiled_time_ratio": times["acft_ref_compiled"] / times["sft"],
             "ref_compiled_vs_eager_time_ratio": times["acft_ref_compiled"] / times["acft_ref"],
             "ref_compiled_peak_mem_ratio": mem["acft_ref_compiled"]["peak"] / mem["sft"]["peak"],
+            "acft_shipped_ms": times["acft_shipped"] * 1e3,
+            "shipped_time_ratio": times["acft_shipped"] / times["sft"],
+            "shipped_peak_mem_ratio": mem["acft_shipped"]["peak"] / mem["sft"]["peak"],
+            "shipped_step_mem_ratio": step_mem["acft_shipped"] / max(step_mem["sft"], 1),
+            "q_ms": times["q"] * 1e3, "q_vs_sft_step": times["q"] / times["sft"],
         })
         r = rows[-1]
         for v, key in (("acft", "time_ratio"), ("acft_ref", "ref_time_ratio"),
@@ -298,7 +326,8 @@ def main(argv=None):
             "acft_ref_flop_ratio", "acft_ref_overhead_vs_flop_bound", "ref_compiled_time_ratio",
             "acft_ref_compiled_overhead_vs_flop_bound", "sft_peak_mb",
             "acft_peak_mb", "acft_ref_peak_mb", "peak_mem_ratio", "ref_peak_mem_ratio",
-            "step_mem_ratio", "fused_vs_unfused_time_ratio", "fused_vs_unfused_mem_ratio")
+            "step_mem_ratio", "fused_vs_unfused_time_ratio", "fused_vs_unfused_mem_ratio",
+            "shipped_time_ratio", "shipped_peak_mem_ratio", "q_vs_sft_step")
     print(f"device: {device_name}, dtype {dtype}, medians of {args.repeats} interleaved steps")
     print(" | ".join(cols))
     for r in rows:

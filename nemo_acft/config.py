@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Sequence
 SCHEDULES = ("sequential", "parallel")
 REFERENCES = ("current", "frozen", "base")
 KL_ON = ("corpus", "samples", "both")
+REFERENCE_ON = ("lm", "oracle")
 NADO_KINDS = ("head", "separate")  # model.acft.nado_head.kind (nemo_acft.models.gpt_nado)
 ROLES = ("all", "prepare", "lm", "oracle", "finish")
 BASELINES = ("filtering", "rl", "nado_decoding")
@@ -128,6 +129,15 @@ def validate(cfg: Dict[str, Any]) -> None:
     need("model.acft.alpha", lambda v: _is_num(v) and v >= 0, "a number >= 0")
     need("model.acft.reference", lambda v: v in REFERENCES, f"one of {REFERENCES}")
     need("model.acft.kl_on", lambda v: v in KL_ON, f"one of {KL_ON}")
+    need("model.acft.reference_on", lambda v: v in REFERENCE_ON, f"one of {REFERENCE_ON}")
+    need("model.acft.reference_top_k", pos, "a positive integer")
+    if a["reference_on"] == "oracle":
+        need("model.acft.reference", lambda v: v != "current",
+             "frozen or base with model.acft.reference_on=oracle (q from the model being "
+             "trained is the LM step's own)")
+        need("model.acft.kl_on", lambda v: v == "corpus",
+             "corpus with model.acft.reference_on=oracle (the q of the oracle block's samples "
+             "is not shipped)")
     need("model.acft.sample_lambda", lambda v: v is None or (_is_num(v) and v >= 0),
          "null (= model.acft.lambda) or a number >= 0")
     need("model.acft.nado_head.fp32", lambda v: isinstance(v, bool), "true or false")

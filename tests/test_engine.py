@@ -640,3 +640,85 @@ def test_lm_step_with_a_frozen_reference_compiled(tmp_path):
     (one,) = run_workers(_ref_step_worker, 1, 1, 1, str(tmp_path / "a"), True)
     assert {"_fwd_chunk_tp1_ref", "_bwd_chunk_tp1_ref"} <= set(one["compiled"])
     _ref_step_against_float64(one)
+
+
+# --- the reference's q shipped from elsewhere (model.acft.reference_on: oracle) -------------
+
+
+def _shipped_q_worker(rank, world, tp, pp, path, top_k):
+    """The reference's q computed by :meth:`reference_q` (here by the model while it equals the
+    reference) and shipped with the batch, against the in-step reference: before and after
+    the trunk moves. ``top_k`` None: the whole vocabulary (the coarsened KL is the full one)."""
+    from nemo_acft.models.objectives import LMLoss, Regularizer
+
+    m = build(tp=tp, pp=pp, world=world)
+    same_weights_for_any_split(m.module, tp)
+    m.configure_training("trunk", m.cfg.optim, max_steps=10)
+    m.save_part(f"{path}/trunk", "trunk")
+    m.save_part(f"{path}/head", "head")
+    m.set_reference(f"{path}/trunk", f"{path}/head")
+    v = m.module.vocab_size  # padded
+    k = v if top_k is None else top_k
+    b = corpus_batch(seed=3)
+    tokens = torch.cat([b["inputs"], b["targets"][:, -1:]], dim=1)
+    shipped = {**b, **m.reference_q(tokens, k, micro_batch_size=4)}
+    out = {"v": v, "q_ids": shipped["q_ids"], "q_log": shipped["q_log"],
+           "q_log_rest": shipped["q_log_rest"], "q_log_z": shipped["q_log_z"]}
+    m.lm_step(corpus_batch(seed=9), None, micro_batch_size=4)  # the trunk moves, q_ref stays
+    for name, reg, batch in (
+            ("inline", Regularizer(torch.tensor(LAMBDAS), 0.9, 0.0, True), b),
+            ("shipped", Regularizer(torch.tensor(LAMBDAS), 0.9, 0.0, True, shipped=True),
+             shipped)):
+        m._optimizer.zero_grad()
+        out[name] = m._fwd_bwd(batch, LMLoss(reg), 2)
+        if tp == pp == 1:
+            out[name + "_w_grad"] = m.module.output_layer.weight.grad.detach().clone()
+    if tp == pp == 1:
+        with pytest.raises(KeyError, match=r"reference_on=oracle\): the batch lacks \['q_ids'"):
+            m._fwd_bwd(b, LMLoss(Regularizer(torch.tensor(LAMBDAS), None, 0.0, True,
+                                             shipped=True)), 2)
+    return out
+
+
+def test_shipped_q_of_the_whole_vocabulary_equals_the_in_step_reference(tmp_path):
+    """top_k = V: the LM step with the reference's q shipped (no reference forward in the step)
+    gives the in-step reference's loss, KL, gates and output-layer gradient; the q computed at
+    TP 2 / PP 2 is TP 1's, and so is the step."""
+    (one,) = run_workers(_shipped_q_worker, 1, 1, 1, str(tmp_path / "a"), None)
+    for key in ("loss", "lm_loss", "penalty", "kl", "mean_z", "gated_share"):
+        assert one["shipped"][key] == pytest.approx(one["inline"][key], rel=1e-5, abs=1e-7), key
+    torch.testing.assert_close(one["shipped_w_grad"], one["inline_w_grad"], rtol=1e-4,
+                               atol=1e-7)
+    assert torch.isinf(one["q_log_rest"]).all()  # nothing outside the kept ids
+    assert one["q_ids"].shape[-1] == one["v"]
+    for tp, pp in ((2, 1), (1, 2)):
+        for r in run_workers(_shipped_q_worker, 2, tp, pp, str(tmp_path / f"{tp}{pp}"), None):
+            torch.testing.assert_close(r["q_log_z"], one["q_log_z"], rtol=1e-5, atol=1e-6)
+            for name in ("inline", "shipped"):
+                for key in ("loss", "lm_loss", "penalty", "kl", "mean_z", "gated_share"):
+                    assert r[name][key] == pytest.approx(one[name][key], rel=2e-5, abs=1e-7), \
+                        (tp, pp, name, key)
+
+
+def test_shipped_top_k_q_is_the_coarsened_kl(tmp_path):
+    """top_k = 16 of a padded vocabulary of hundreds: the shipped ids are those of the largest
+    max(p_ref, q) (brute force from the full q of the whole-vocabulary run), their log q and
+    the tail's mass are q's, and the step's KL is the coarsened one: at most the full KL, and
+    the TP-2 step equals TP 1's."""
+    (full,) = run_workers(_shipped_q_worker, 1, 1, 1, str(tmp_path / "f"), None)
+    (one,) = run_workers(_shipped_q_worker, 1, 1, 1, str(tmp_path / "a"), 16)
+    # the full q, dense, from the whole-vocabulary run (ids in its own order)
+    log_q = torch.full(full["q_ids"].shape, float("-inf")).scatter(
+        -1, full["q_ids"].long(), full["q_log"])
+    ids = one["q_ids"].long()
+    torch.testing.assert_close(one["q_log"], log_q.gather(-1, ids), rtol=1e-5, atol=1e-6)
+    rest = 1 - one["q_log"].double().exp().sum(-1)
+    torch.testing.assert_close(one["q_log_rest"].double().exp(), rest, rtol=1e-3, atol=1e-6)
+    # coarsening never raises a KL (here, a random model's near-uniform p, most of it is in
+    # the tail's shape: 0.024 of 0.445)
+    assert 0 < one["shipped"]["kl"] <= full["shipped"]["kl"] + 1e-6
+    assert one["shipped"]["lm_loss"] == pytest.approx(full["shipped"]["lm_loss"], rel=1e-6)
+    for r in run_workers(_shipped_q_worker, 2, 2, 1, str(tmp_path / "tp2"), 16):
+        for key in ("loss", "penalty", "kl", "mean_z"):
+            assert r["shipped"][key] == pytest.approx(one["shipped"][key], rel=2e-5,
+                                                      abs=1e-7), key

@@ -202,7 +202,7 @@ def test_parallel_run_manifests_tp2_to_tp1(par_run):
         assert _checksums_hold(par_run, kind, 2)
 
 
-def _theta1_logits_worker(rank, world, run_dir, tp):
+def _theta1_logits_worker(rank, world, run_dir, tp, k=1):
     import yaml
 
     from nemo_acft.algorithms.exchange import ArtifactStore
@@ -213,7 +213,7 @@ def _theta1_logits_worker(rank, world, run_dir, tp):
 
     cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
     run = Run(cfg, "test", Layout(tp, 1, 1))
-    run.model.load_part(ArtifactStore(Path(run_dir) / "exchange").path("lm", 1) / "trunk",
+    run.model.load_part(ArtifactStore(Path(run_dir) / "exchange").path("lm", k) / "trunk",
                         "trunk")
     x = run.data.heldout.tokens[:4, :-1]
     with torch.no_grad():
@@ -449,6 +449,12 @@ def test_bad_configs_fail_before_anything_is_written(tmp_path, cache):
           "model.acft.oracle_group.devices=2", "pretrain.model.make_vocab_size_divisible_by=1",
           "pretrain.tokenizer.vocab_size=301"],  # an odd vocabulary: 301 and 302
          "pads to different sizes in the two groups (TP 1: "),
+        (["model.acft.reference=current", "model.acft.reference_on=oracle"],
+         "config model.acft.reference='current': expected frozen or base with "
+         "model.acft.reference_on=oracle"),
+        (["model.acft.reference_on=oracle", "model.acft.kl_on=both"],
+         "config model.acft.kl_on='both': expected corpus with model.acft.reference_on=oracle"),
+        (["model.acft.reference_on=gpu"], "config model.acft.reference_on='gpu': expected one"),
         (["model.restore_from_path=/nonexistent.nemo"],
          "config model.restore_from_path='/nonexistent.nemo': expected null or an existing"),
     ]:
@@ -559,3 +565,25 @@ def test_the_llama_config_composes_for_files_data(tmp_path):
     assert plain["model"]["acft"]["domain_lambdas"] == {}
     assert (lm_layout(plain).tp, lm_layout(plain).pp) == (4, 2)
     assert oracle_layout(plain).tp == 4
+
+
+def test_parallel_run_with_q_from_the_oracle_group(tmp_path, cache, par_run):
+    """reference_on=oracle, LM group TP 2, oracle group TP 1, q of the whole vocabulary
+    (top_k above it): the oracle side publishes each LM step's q (and deletes those of finished
+    blocks), the LM block runs no reference, and the run is the in-step reference's
+    (``par_run``, reference_on=lm) up to rounding: the blocks' metrics and θ_2's logits."""
+    run_dir = tmp_path / "shipped"
+    drive(compose(run_dir, cache, *PAR, "model.acft.reference_on=oracle",
+                  "model.acft.reference_top_k=100000"))
+    q = sorted((run_dir / "exchange" / "q").glob("iter_*"))
+    assert [p.name for p in q] == [f"iter_{t:06d}" for t in range(13, 25)]  # block 2's
+    man = json.loads((q[0] / "manifest.json").read_text())
+    assert man["based_on"] == {"lm": 1, "nado": 1} and man["block"] == 2
+    for k in (1, 2):
+        mine, theirs = _manifest(run_dir, "lm", k), _manifest(par_run, "lm", k)
+        assert "q" in mine["read"]["reference"] and "lm" not in mine["read"]["reference"]
+        for key in ("lm_loss", "kl", "penalty", "mean_z"):
+            assert mine["metrics"][key] == pytest.approx(theirs["metrics"][key], rel=2e-3,
+                                                         abs=1e-5), (k, key)
+    a, b = (run_workers(_theta1_logits_worker, 1, str(d), 1, 2)[0] for d in (run_dir, par_run))
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=2e-3)

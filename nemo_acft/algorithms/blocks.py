@@ -79,8 +79,10 @@ def regularizer(run, domains: Sequence[str]) -> Regularizer:
     from nemo_acft.config import domain_lambdas
 
     a = run.acft
+    reference = a["reference"] != "current"
     return Regularizer(torch.tensor(domain_lambdas(run.cfg, domains)), a["delta"],
-                       float(a["min_z"]), reference=a["reference"] != "current")
+                       float(a["min_z"]), reference=reference,
+                       shipped=reference and a["reference_on"] == "oracle")
 
 
 def sample_source(run, k: int) -> int:
@@ -96,6 +98,92 @@ def reference_source(run, k: int, store: ArtifactStore) -> Tuple[ArtifactStore, 
     if run.acft["reference"] == "base" or k == 1:
         return run.exchange, 0
     return store, k - 1
+
+
+def ships_reference_q(run) -> bool:
+    """``model.acft.reference_on: oracle``: the oracle group computes each LM step's q."""
+    return run.acft["reference"] != "current" and run.acft["reference_on"] == "oracle"
+
+
+def _lm_batch(run, data: LMDataset, step: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """LM step ``step``'s rows (a pure function of seed and step) and its batch."""
+    idx = batch_indices(len(data), run.cfg["model"]["global_batch_size"], run.seed, "lm", step)
+    return idx, data.batch(idx)
+
+
+def publish_reference_q(run, k: int, store: ArtifactStore, nado_it: int,
+                        data: LMDataset) -> Dict[str, float]:
+    """Oracle side, ``model.acft.reference_on: oracle``: the reference's q of every step of LM
+    block k, one ``store/q/iter_<step+1>`` artifact per step, published as soon as it is
+    computed (the LM block reads step t's while this computes later ones). The reference is
+    the LM block's own (:func:`reference_source`, and φ ``nado_it``), loaded here; q is kept as
+    its ``model.acft.reference_top_k`` ids per token and a tail bucket
+    (:meth:`~nemo_acft.models.acft_model.MegatronGPTACFTModel.reference_q`). Steps already
+    published are skipped (a restart), and so is a block whose θ_k exists; q of LM blocks that
+    have finished is deleted."""
+    S, a = run.S, run.acft
+    done_blocks = {b for b in range(1, run.K + 1) if store.exists("lm", b)}
+    stale = [t for t in store.iterations("q") if (t - 1) // S + 1 in done_blocks]
+    store.remove("q", stale)
+    steps = [t for t in range((k - 1) * S, k * S) if not store.exists("q", t + 1)]
+    if k in done_blocks or not steps:
+        return {}
+    store.clean_temporaries("q")
+    rs, ri = reference_source(run, k, store)
+    read = {"lm": _read(run, rs, "lm", ri, "trunk"), "nado": _read(run, store, "nado", nado_it,
+                                                                   "head")}
+    top_k = int(a["reference_top_k"])
+    # forward passes of the oracle block's micro-batch (several LM steps' rows at once), the
+    # top-k in chunks of ~8 M logits (the fused pass's own chunk at large vocabularies)
+    mbs = a["oracle_block"]["micro_batch_size"]
+    gbs = run.cfg["model"]["global_batch_size"]
+    group = max(1, mbs // gbs)
+    chunk = max(a["nado_head"]["loss_chunk_tokens"] or 256, 2 ** 23 // run.model.module.vocab_size)
+    bar = run.bar(len(steps), f"[{run.side}] q for LM block {k}/{run.K}", 1)
+    t0 = time.perf_counter()
+    for g in range(0, len(steps), group):
+        these = steps[g:g + group]
+        rows = [_lm_batch(run, data, t) for t in these]
+        tokens = torch.cat([torch.cat([b["inputs"], b["targets"][:, -1:]], dim=1)
+                            for _, b in rows])
+        q_all = run.model.reference_q(tokens, top_k, micro_batch_size=mbs, chunk_tokens=chunk)
+        for n, (t, (idx, _)) in enumerate(zip(these, rows)):
+            q = {key: v[n * gbs:(n + 1) * gbs].clone() for key, v in q_all.items()}
+
+            def write(tmp, q=q, idx=idx):
+                if run.rank0:
+                    torch.save({"rows": idx, **q}, tmp / "q.pt")
+            store.publish("q", t + 1, write,
+                          {"block": k, "step": t + 1, "top_k": top_k,
+                           "based_on": {"lm": ri, "nado": nado_it}, "read": read})
+            bar.update(1)
+        if stop_agreed():
+            raise StopRequested(f"q for LM block {k} goes on from step {these[-1] + 2} on "
+                                f"resume")
+    bar.close()
+    seconds = time.perf_counter() - t0
+    run.scalars("q", {"seconds_per_step": seconds / len(steps)}, k)
+    return {"q_steps": len(steps), "q_seconds": seconds, "read": read,
+            "loaded": (str(rs.path("lm", ri)), str(store.path("nado", nado_it)))}
+
+
+def _shipped_q(run, store: ArtifactStore, step: int, idx: torch.Tensor,
+               alive=None) -> Dict[str, torch.Tensor]:
+    """LM step ``step``'s q from the oracle group (waiting for it), checked to be of the same
+    rows."""
+    from nemo_acft.algorithms.coordination import wait_for
+
+    if not store.exists("q", step + 1):
+        if alive is None:
+            raise FileNotFoundError(f"no q for LM step {step + 1}: "
+                                    f"{store.path('q', step + 1)} does not exist")
+        wait_for(store, "q", step + 1, run.acft["exchange"]["timeout_s"], "the oracle side",
+                 alive)
+    d = store.load("q", step + 1, "q.pt")
+    if not torch.equal(d["rows"], idx):
+        raise ValueError(f"{store.path('q', step + 1)}: q of other rows than LM step "
+                         f"{step + 1}'s (a different seed, data or batch size)")
+    return {key: v for key, v in d.items() if key != "rows"}
 
 
 def _samples(store: ArtifactStore, iteration: int):
@@ -134,7 +222,7 @@ class SampleKL:
 
 def lm_block(run, method: str, k: int, store: ArtifactStore, data: LMDataset, *,
              reg: Optional[Regularizer] = None, nado: Optional[Tuple[ArtifactStore, int]] = None,
-             extra: Optional[ExtraTerms] = None) -> Dict[str, float]:
+             extra: Optional[ExtraTerms] = None, alive=None) -> Dict[str, float]:
     """LM block k of ``method``: θ_k from θ_(k−1) (``store``'s, or the exchange's θ_0 for k = 1)
     on the corpus ``data``, published as ``store/lm/iter_k`` with its optimizer state.
 
@@ -142,6 +230,8 @@ def lm_block(run, method: str, k: int, store: ArtifactStore, data: LMDataset, *,
         reg: the regularizer (ACFT) with φ from ``nado`` = ``(store, iteration)``; None: the LM
             loss alone (the plain fine-tune and the filtering and RL baselines).
         extra: extra loss terms per step (the RL baseline).
+        alive: with the reference's q shipped (``reg.shipped``), the oracle side's liveness
+            to wait on for each step's q (:func:`publish_reference_q`); None: it must exist.
     """
     cfg, a, m = run.cfg, run.acft, run.model
     S, K = run.S, run.K
@@ -163,7 +253,10 @@ def lm_block(run, method: str, k: int, store: ArtifactStore, data: LMDataset, *,
     if nado is not None:
         read["nado"] = _read(run, nado[0], "nado", nado_it, "head")
     kl_on = a["kl_on"] if reg is not None else "corpus"
-    if reg is not None and reg.reference:
+    shipped = reg is not None and reg.shipped
+    if shipped:
+        read["reference"] = {"q": str(store.root / "q"), "top_k": int(a["reference_top_k"])}
+    elif reg is not None and reg.reference:
         rs, ri = reference_source(run, k, store)
         m.set_reference(rs.verify("lm", ri) / "trunk", nado[0].verify("nado", nado_it) / "head")
         read["reference"] = {"lm": str(rs.path("lm", ri)), "iteration": ri}
@@ -171,13 +264,15 @@ def lm_block(run, method: str, k: int, store: ArtifactStore, data: LMDataset, *,
     if kl_on in ("samples", "both"):
         terms_of.append(SampleKL(run, nado[0], nado_it, reg))
     corpus_reg = reg if kl_on in ("corpus", "both") else None
-    gbs, mbs = cfg["model"]["global_batch_size"], cfg["model"]["micro_batch_size"]
+    mbs = cfg["model"]["micro_batch_size"]
     save_every = a["save_every"]
     bar = run.bar(end - start, f"[{run.side}] {method} {k}/{K}")
     sums: Dict[str, float] = {}
     t0 = time.perf_counter()
     for step in range(start, end):
-        batch = data.batch(batch_indices(len(data), gbs, run.seed, "lm", step))
+        idx, batch = _lm_batch(run, data, step)
+        if shipped:
+            batch.update(_shipped_q(run, store, step, idx, alive))
         terms, extra_metrics = [], {}
         for term in terms_of:
             more, more_metrics = term(step)
@@ -211,14 +306,21 @@ def lm_block(run, method: str, k: int, store: ArtifactStore, data: LMDataset, *,
 
 
 def oracle_block(run, k: int, store: ArtifactStore, lm: Tuple[ArtifactStore, int],
-                 prompts_pool: Sequence[str]) -> Dict[str, float]:
+                 prompts_pool: Sequence[str], loaded: Optional[Dict[str, Any]] = None
+                 ) -> Dict[str, float]:
     """Oracle block k: samples from θ of ``lm`` = ``(store, iteration)`` (θ_(k−1), or NADO
     decoding's fixed LM), labelled by the oracle; φ_k trained warm from ``store``'s φ_(k−1);
-    publishes ``store/nado/iter_k`` (head and samples)."""
+    publishes ``store/nado/iter_k`` (head and samples). ``loaded``: what
+    :func:`publish_reference_q` just returned, when it loaded exactly that θ and φ_(k−1) (they
+    are not read again)."""
     cfg, a, m = run.cfg, run.acft, run.model
     ob, s = a["oracle_block"], a["sampling"]
-    read = {"lm": _read(run, lm[0], "lm", lm[1], "trunk"),
-            "nado": _read(run, store, "nado", k - 1, "head")}
+    if loaded and loaded.get("loaded") == (str(lm[0].path("lm", lm[1])),
+                                           str(store.path("nado", k - 1))):
+        read = loaded["read"]
+    else:
+        read = {"lm": _read(run, lm[0], "lm", lm[1], "trunk"),
+                "nado": _read(run, store, "nado", k - 1, "head")}
     idx = batch_indices(len(prompts_pool), min(ob["prompts"], len(prompts_pool)), run.seed,
                         "prompts", k)
     prompts = [prompts_pool[i] for i in idx.tolist() for _ in range(ob["samples_per_prompt"])]

@@ -211,9 +211,15 @@ class ArtifactStore:
     def prune(self, kind: str, keep: int) -> None:
         """Collective: delete all but the newest ``keep`` iterations of ``kind`` (rolling
         checkpoints)."""
+        self.remove(kind, self.iterations(kind)[:-keep] if keep > 0 else [])
+
+    def remove(self, kind: str, iterations) -> None:
+        """Collective: delete these iterations of ``kind`` (a manifest first, so a half-deleted
+        artifact is never complete)."""
         if _rank() == 0:
-            for it in self.iterations(kind)[:-keep] if keep > 0 else []:
+            for it in iterations:
                 path = self.path(kind, it)
-                (path / MANIFEST).unlink()  # first, so a half-deleted artifact is never complete
+                if (path / MANIFEST).is_file():
+                    (path / MANIFEST).unlink()
                 shutil.rmtree(path, ignore_errors=True)
         _barrier()

@@ -18,7 +18,8 @@ import os
 import time
 
 from nemo_acft.algorithms.blocks import (lm_block, log_block, oracle_block, publish_initial_head,
-                                         regularizer, sample_source)
+                                         publish_reference_q, regularizer, sample_source,
+                                         ships_reference_q)
 from nemo_acft.algorithms.coordination import (Heartbeat, Liveness, StopRequested, handshake,
                                                side_lock, wait_for, world_pids)
 
@@ -42,6 +43,8 @@ def run_sequential(run) -> None:
         if not ex.exists("nado", k):
             m = oracle_block(run, k, ex, (ex, sample_source(run, k)), run.data.train_prompts)
             log_block(run, "oracle block", k, m, t0, done - 1, len(todo))
+        if ships_reference_q(run):
+            publish_reference_q(run, k, ex, k, run.data.train)
         m = lm_block(run, "acft", k, ex, run.data.train, reg=reg, nado=(ex, k))
         log_block(run, "acft LM block", k, m, t0, done, len(todo))
 
@@ -51,25 +54,36 @@ def _lm_side(run) -> None:
     reg = regularizer(run, run.data.domains)
     todo = [k for k in range(1, run.K + 1) if not ex.exists("lm", k)]
     t0 = time.perf_counter()
+    alive = Liveness(ex, "oracle", x["heartbeat_timeout_s"])
     for done, k in enumerate(todo, 1):
         j = nado_for("parallel", k)
-        wait_for(ex, "nado", j, x["timeout_s"], "the oracle side",
-                 Liveness(ex, "oracle", x["heartbeat_timeout_s"]))
-        m = lm_block(run, "acft", k, ex, run.data.train, reg=reg, nado=(ex, j))
+        wait_for(ex, "nado", j, x["timeout_s"], "the oracle side", alive)
+        m = lm_block(run, "acft", k, ex, run.data.train, reg=reg, nado=(ex, j), alive=alive)
         log_block(run, "acft LM block", k, m, t0, done, len(todo))
 
 
 def _oracle_side(run) -> None:
+    """Oracle block k after θ of :func:`sample_source`; with ``reference_on: oracle`` the q of
+    LM block k first (its reference, θ_(k−1) or θ_0 and φ_(k−1), is what oracle block k starts
+    from), and in iteration 1, after φ_1."""
     ex, x = run.exchange, run.acft["exchange"]
     publish_initial_head(run, ex)
-    todo = [k for k in range(1, run.K + 1) if not ex.exists("nado", k)]
+    ship = ships_reference_q(run)
+    todo = [k for k in range(1, run.K + 1)
+            if not ex.exists("nado", k) or (ship and not ex.exists("lm", k))]
     t0 = time.perf_counter()
+    alive = Liveness(ex, "lm", x["heartbeat_timeout_s"])
     for done, k in enumerate(todo, 1):
-        j = sample_source(run, k)
-        wait_for(ex, "lm", j, x["timeout_s"], "the LM side",
-                 Liveness(ex, "lm", x["heartbeat_timeout_s"]))
-        m = oracle_block(run, k, ex, (ex, j), run.data.train_prompts)
-        log_block(run, "oracle block", k, m, t0, done, len(todo))
+        j, q_from = sample_source(run, k), nado_for("parallel", k)
+        wait_for(ex, "lm", j, x["timeout_s"], "the LM side", alive)
+        loaded = None  # the reference q was built from: θ_j and φ_(k−1), oracle block k's start
+        if ship and q_from < k:
+            loaded = publish_reference_q(run, k, ex, q_from, run.data.train)
+        if not ex.exists("nado", k):
+            m = oracle_block(run, k, ex, (ex, j), run.data.train_prompts, loaded)
+            log_block(run, "oracle block", k, m, t0, done, len(todo))
+        if ship and q_from == k:
+            publish_reference_q(run, k, ex, q_from, run.data.train)
 
 
 def run_side(run, side: str) -> None:

@@ -75,8 +75,14 @@ from nemo_acft.models import checkpoint  # noqa: E402
 from nemo_acft.models.generate import Samples, SamplingParams, generate  # noqa: E402
 from nemo_acft.models.gpt_nado import NADO_PREFIX, GPTNADOModel, NADOHeadConfig  # noqa: E402
 from nemo_acft.models.objectives import (DistributionStats, LMLoss, LogProbs,  # noqa: E402
-                                         NadoLoss, Objective, Regularizer, Reinforce)
+                                         NadoLoss, Objective, ReferenceQ, Regularizer,
+                                         Reinforce)
 from nemo_acft.models.parallel import tp_group  # noqa: E402
+from nemo_acft.nado.sparse import SparseQ  # noqa: E402
+
+#: the keys of an LM batch that carry the reference's q (:meth:`MegatronGPTACFTModel.reference_q`),
+#: in :class:`~nemo_acft.nado.sparse.SparseQ`'s order
+SHIPPED_Q = ("q_ids", "q_log", "q_log_rest", "q_log_z")
 
 
 def _dp() -> Tuple[int, int]:
@@ -400,11 +406,19 @@ class MegatronGPTACFTModel(MegatronGPTModel):
             with torch.no_grad():
                 return ref(mb["inputs"], mb["position_ids"], None, return_hidden=True)
 
+        if objective.uses_shipped_q:
+            missing = [k for k in SHIPPED_Q if k not in batch]
+            if missing:
+                raise KeyError(f"an LM step with the reference's q shipped "
+                               f"(model.acft.reference_on=oracle): the batch lacks {missing}")
+
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             kwargs = {}
             if objective.uses_reference:
                 kwargs["reference"] = reference_of(mb)
+            elif objective.uses_shipped_q:
+                kwargs["reference"] = SparseQ(*(mb[k] for k in SHIPPED_Q))
             out = model(mb["inputs"], mb["position_ids"], None,
                         labels=mb["targets"] if objective.with_labels else None, **kwargs)
             return out, lambda output, non_loss_data=False: loss_fn(mb, output)
@@ -471,6 +485,22 @@ class MegatronGPTACFTModel(MegatronGPTModel):
         """
         out = self._collect(tokens, LogProbs(guidance), 2, micro_batch_size)
         return (out[0], out[1]) if return_max else out[0]
+
+    @torch.no_grad()
+    def reference_q(self, tokens: torch.Tensor, top_k: int, micro_batch_size=None,
+                    chunk_tokens: int = 256) -> Dict[str, torch.Tensor]:
+        """This model as the reference of an LM step (``model.acft.reference_on: oracle``): its
+        q after every prefix ``tokens[:, :i+1]`` as :func:`~nemo_acft.nado.sparse.sparse_reference_q`
+        (the ``top_k`` ids, their log q, the tail's log mass, log Z), on the CPU, keyed as an LM
+        batch carries them (``q_ids`` ``[B, T-1, k]`` int32, ``q_log`` ``[B, T-1, k]``,
+        ``q_log_rest`` and ``q_log_z`` ``[B, T-1]``, fp32). ``top_k`` at least the (padded)
+        vocabulary: all of it, and the LM step's KL is the exact one."""
+        k = min(int(top_k), int(self.module.vocab_size))
+        out = self._collect(tokens, ReferenceQ(k, int(chunk_tokens)), 2 * k + 2,
+                            micro_batch_size)
+        return {"q_ids": out[:k].round().to(torch.int32).permute(1, 2, 0).contiguous(),
+                "q_log": out[k:2 * k].permute(1, 2, 0).contiguous(),
+                "q_log_rest": out[2 * k].contiguous(), "q_log_z": out[2 * k + 1].contiguous()}
 
     @torch.no_grad()
     def distribution_stats(self, tokens: torch.Tensor, on_reference: bool = False,

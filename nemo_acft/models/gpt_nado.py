@@ -27,6 +27,7 @@ from nemo_acft.config import NADO_KINDS
 from nemo_acft.models.parallel import tp_group
 from nemo_acft.nado import closed_form_kl, cross_entropy
 from nemo_acft.nado.fused import fused_ce_kl, fused_ce_kl_from_hidden
+from nemo_acft.nado.sparse import SparseQ, fused_ce_sparse_kl
 
 NADO_PREFIX = "nado_head."
 
@@ -237,7 +238,8 @@ class GPTNADOModel(GPTModel):
     ``forward(input_ids, position_ids, attention_mask)`` on the last stage returns
     ``(lm_logits, nado_logits)``, each ``[b, s, V/TP]`` (vocab-parallel; ``nado_logits`` is None
     while ``head_enabled`` is False); with ``labels`` it returns :class:`TokenLosses`, whose KL
-    takes q from ``reference=`` (a :class:`ReferenceHidden`) when given; with
+    takes q from ``reference=`` when given (a :class:`ReferenceHidden`, or the reference's q
+    computed elsewhere as a ``[b, s, ...]`` :class:`~nemo_acft.nado.sparse.SparseQ`); with
     ``return_hidden=True`` it returns its own :class:`ReferenceHidden` (the model as a
     reference). Other stages return hidden states, like GPTModel. The model is built by
     :class:`~nemo_acft.models.acft_model.MegatronGPTACFTModel` (NeMo's builder).
@@ -347,13 +349,19 @@ class GPTNADOModel(GPTModel):
 
     def _reference_losses(self, hidden_states, labels, runtime_gather_output, chunk):
         """LM loss and KL(q_ref ‖ p), q_ref from ``self._reference`` (the head's φ on the
-        reference's hidden states); ``log_z`` is the reference's Z, read by the gates."""
+        reference's hidden states, or a :class:`SparseQ` shipped with the batch: the coarsened
+        KL of :mod:`nemo_acft.nado.sparse`); ``log_z`` is the reference's Z, read by the
+        gates."""
         ref = self._reference
         output_weight = (self.shared_embedding_or_output_weight()
                          if self.share_embeddings_and_output_weights else None)
         lm_logits, _ = self.output_layer(hidden_states, weight=output_weight,
                                          runtime_gather_output=runtime_gather_output)
         y = labels.transpose(0, 1)
+        if isinstance(ref, SparseQ):
+            lm_loss, kl = fused_ce_sparse_kl(lm_logits, y, ref.transpose(0, 1), tp_group(),
+                                             chunk or y.numel())
+            return TokenLosses(lm_loss.transpose(0, 1), kl.transpose(0, 1), ref.log_z.float())
         if chunk > 0:
             lm_loss, kl, log_z = fused_ce_kl_from_hidden(
                 lm_logits, ref.nado, ref.nado_weight, y, tp_group(), chunk,

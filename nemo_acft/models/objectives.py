@@ -25,23 +25,27 @@ class Regularizer:
     """``Σ_d λ_d · mean_{i∈d} gate_i · KL_i`` (:func:`~nemo_acft.nado.kl_penalty`): one λ per
     domain id of the batch (``lambdas[d]``), the feasibility gate δ and the ``min_z`` gate.
     ``reference``: q from the model's reference (``set_reference``: a frozen θ and the head on
-    its hidden states) instead of from the model being trained."""
+    its hidden states) instead of from the model being trained; ``shipped``: that q computed
+    elsewhere and given with the batch (``q_ids``, ``q_log``, ``q_log_rest``, ``q_log_z``: a
+    :class:`~nemo_acft.nado.sparse.SparseQ`, ``model.acft.reference_on: oracle``)."""
 
     lambdas: torch.Tensor
     delta: Optional[float] = None
     min_z: float = 0.0
     reference: bool = False
+    shipped: bool = False
 
 
 class Objective:
     """The interface (see the module docstring); subclasses are dataclasses."""
 
     #: the forward runs the NADO head / gets the labels (per-token losses) / only collects /
-    #: needs the reference's hidden states
+    #: needs the reference's hidden states / reads the reference's q from the batch
     uses_head = True
     with_labels = False
     collect = False
     uses_reference = False
+    uses_shipped_q = False
 
     def denominators(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Token (or sample) counts of the whole global batch."""
@@ -77,7 +81,13 @@ class LMLoss(Objective):
 
     @property
     def uses_reference(self) -> bool:  # noqa: D102
-        return self.regularizer is not None and self.regularizer.reference
+        r = self.regularizer
+        return r is not None and r.reference and not r.shipped
+
+    @property
+    def uses_shipped_q(self) -> bool:  # noqa: D102
+        r = self.regularizer
+        return r is not None and r.reference and r.shipped
 
     def denominators(self, batch):  # noqa: D102
         out = super().denominators(batch)
@@ -190,6 +200,38 @@ class LogProbs(Objective):
 
 
 @dataclass
+class ReferenceQ(Objective):
+    """Forward only, with the head, on the reference itself: its q at every position as
+    :func:`~nemo_acft.nado.sparse.sparse_reference_q`'s top ``top_k`` ids, their log q, the
+    tail's log mass and log Z, collected as ``[2·top_k + 2, b, s]`` fp32 (ids as floats:
+    exact below 2^24, checked)."""
+
+    top_k: int
+    chunk_tokens: int = 256
+    collect = True
+
+    def denominators(self, batch):  # noqa: D102
+        return {}
+
+    def loss(self, mb, output, denom, scale, tp, vocab_size):  # noqa: D102
+        from nemo_acft.nado.sparse import sparse_reference_q
+
+        z, s = output
+        if z.shape[-1] * max(tp.size() if tp is not None else 1, 1) >= 2 ** 24:
+            raise ValueError(f"a vocabulary of {z.shape[-1]} per rank: ids past 2^24 are not "
+                             f"exact as fp32")
+        b, n, v = z.shape
+        zf, sf = z.reshape(b * n, v), s.reshape(b * n, v)
+        parts = []
+        for i in range(0, b * n, max(self.chunk_tokens, 1)):
+            j = min(i + max(self.chunk_tokens, 1), b * n)
+            q = sparse_reference_q(zf[i:j], sf[i:j], self.top_k, tp)
+            parts.append(torch.cat([q.ids.float(), q.log_q, q.log_rest[:, None],
+                                    q.log_z[:, None]], dim=-1))
+        return torch.cat(parts).view(b, n, -1).permute(2, 0, 1)
+
+
+@dataclass
 class DistributionStats(Objective):
     """Forward only, with the head: ``H(p)``, ``H(q)`` and ``log Z`` of every position
     (:func:`~nemo_acft.nado.distribution_stats`); collected, not reduced."""
@@ -204,4 +246,5 @@ class DistributionStats(Objective):
         return torch.stack([x.float() for x in distribution_stats(z, s, tp, vocab_size)])
 
 
-__all__ = ["Objective", "Regularizer", "LMLoss", "NadoLoss", "Reinforce", "LogProbs", "DistributionStats"]
+__all__ = ["Objective", "Regularizer", "LMLoss", "NadoLoss", "Reinforce", "LogProbs", "ReferenceQ",
+           "DistributionStats"]

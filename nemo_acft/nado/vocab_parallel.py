@@ -168,11 +168,29 @@ def vocab_sum(x: torch.Tensor, tp_group: ProcessGroup) -> torch.Tensor:
     return all_reduce_sum(x.sum(dim=-1), tp_group)
 
 
-def vocab_select(x: torch.Tensor, target: torch.Tensor, tp_group: ProcessGroup) -> torch.Tensor:
-    """``x[..., target]`` where ``target`` indexes the full vocabulary, differentiable.
+def vocab_gather(x: torch.Tensor, ids: torch.Tensor, tp_group: ProcessGroup) -> torch.Tensor:
+    """``x[..., ids]`` for ``ids`` ``[..., k]`` of the full vocabulary, differentiable.
 
-    Each rank picks the entries whose target falls in its shard, zero elsewhere, then a sum
+    Each rank picks the entries whose id falls in its shard, zero elsewhere, then a sum
     all-reduce completes the selection (megatron's ``calculate_predicted_logits`` stage).
+
+    Args:
+        x: ``[..., V_local]``, vocab-parallel.
+        ids: ``[..., k]`` int64, ids in ``[0, V_local * tp)``.
+    Returns:
+        ``[..., k]``, replicated.
+    """
+    v_local = x.shape[-1]
+    local = ids - tp_rank(tp_group) * v_local
+    in_shard = (local >= 0) & (local < v_local)
+    picked = x.gather(-1, local.clamp(0, v_local - 1))
+    picked = torch.where(in_shard, picked, torch.zeros_like(picked))
+    return all_reduce_sum(picked, tp_group)
+
+
+def vocab_select(x: torch.Tensor, target: torch.Tensor, tp_group: ProcessGroup) -> torch.Tensor:
+    """``x[..., target]`` where ``target`` ``[...]`` indexes the full vocabulary, differentiable
+    (:func:`vocab_gather` of one id per position).
 
     Args:
         x: ``[..., V_local]``, vocab-parallel.
@@ -180,10 +198,33 @@ def vocab_select(x: torch.Tensor, target: torch.Tensor, tp_group: ProcessGroup) 
     Returns:
         ``[...]``, replicated.
     """
+    return vocab_gather(x, target.unsqueeze(-1), tp_group).squeeze(-1)
+
+
+@torch.no_grad()
+def vocab_top_k(x: torch.Tensor, k: int, tp_group: ProcessGroup, sorted: bool = True):
+    """The ``k`` largest entries of each row over the whole (split) vocabulary, not
+    differentiable: each rank's own top ``min(k, V_local)``, all-gathered (``k`` values and ids
+    per rank and position, never the vocabulary), then the top ``k`` of those.
+
+    Args:
+        x: ``[..., V_local]``, vocab-parallel.
+        k: entries per row, ``<= V_local * tp``.
+        sorted: in descending order of value (False: any order, faster on CPU).
+    Returns:
+        ``(values, ids)``, each ``[..., k]``, ids of the full vocabulary, replicated.
+    """
     v_local = x.shape[-1]
-    start = tp_rank(tp_group) * v_local
-    local = target - start
-    in_shard = (local >= 0) & (local < v_local)
-    picked = x.gather(-1, local.clamp(0, v_local - 1).unsqueeze(-1)).squeeze(-1)
-    picked = torch.where(in_shard, picked, torch.zeros_like(picked))
-    return all_reduce_sum(picked, tp_group)
+    tp = tp_world_size(tp_group)
+    if not 1 <= k <= v_local * tp:
+        raise ValueError(f"top k={k}: expected 1 <= k <= the vocabulary ({v_local * tp})")
+    values, ids = x.topk(min(k, v_local), dim=-1, sorted=sorted)
+    ids = ids + tp_rank(tp_group) * v_local
+    if tp == 1:
+        return values, ids
+    all_values = [torch.empty_like(values) for _ in range(tp)]
+    all_ids = [torch.empty_like(ids) for _ in range(tp)]
+    dist.all_gather(all_values, values.contiguous(), group=tp_group)
+    dist.all_gather(all_ids, ids.contiguous(), group=tp_group)
+    values, pick = torch.cat(all_values, dim=-1).topk(k, dim=-1, sorted=sorted)
+    return values, torch.cat(all_ids, dim=-1).gather(-1, pick)
