@@ -202,6 +202,7 @@ def main(argv=None):
     k = [int(o.split("=")[1]) for o in [*DEFAULT, *overrides]
          if o.startswith("model.acft.iterations=")][-1]
     res = {"device": f"CPU, {os.cpu_count()} cores", "iterations": k, "tp2": args.tp2,
+           "overrides": " ".join(overrides),
            "steady_sequential_s": statistics.median(st_seq),
            "steady_parallel_s": statistics.median(st_par),
            "steady_sft_s": statistics.median(st_sft),
