@@ -567,14 +567,22 @@ def test_the_llama_config_composes_for_files_data(tmp_path):
     assert oracle_layout(plain).tp == 4
 
 
-def test_parallel_run_with_q_from_the_oracle_group(tmp_path, cache, par_run):
+SHIPPED = [*PAR, "model.acft.reference_on=oracle", "model.acft.reference_top_k=100000"]
+
+
+@pytest.fixture(scope="module")
+def shipped_run(tmp_path_factory, cache):
+    run_dir = tmp_path_factory.mktemp("shipped") / "run"
+    drive(compose(run_dir, cache, *SHIPPED))
+    return run_dir
+
+
+def test_parallel_run_with_q_from_the_oracle_group(shipped_run, par_run):
     """reference_on=oracle, LM group TP 2, oracle group TP 1, q of the whole vocabulary
     (top_k above it): the oracle side publishes each LM step's q (and deletes those of finished
     blocks), the LM block runs no reference, and the run is the in-step reference's
     (``par_run``, reference_on=lm) up to rounding: the blocks' metrics and θ_2's logits."""
-    run_dir = tmp_path / "shipped"
-    drive(compose(run_dir, cache, *PAR, "model.acft.reference_on=oracle",
-                  "model.acft.reference_top_k=100000"))
+    run_dir = shipped_run
     q = sorted((run_dir / "exchange" / "q").glob("iter_*"))
     assert [p.name for p in q] == [f"iter_{t:06d}" for t in range(13, 25)]  # block 2's
     man = json.loads((q[0] / "manifest.json").read_text())
@@ -587,3 +595,24 @@ def test_parallel_run_with_q_from_the_oracle_group(tmp_path, cache, par_run):
                                                          abs=1e-5), (k, key)
     a, b = (run_workers(_theta1_logits_worker, 1, str(d), 1, 2)[0] for d in (run_dir, par_run))
     torch.testing.assert_close(a, b, rtol=1e-3, atol=2e-3)
+
+
+def test_kill_9_with_q_from_the_oracle_group_resumes_bit_for_bit(tmp_path, cache, shipped_run):
+    """reference_on=oracle: the oracle group killed while it publishes LM block 1's q (the LM
+    block waiting on it), then the LM group inside LM block 2; the reruns recompute the missing
+    q in the same groups and end with the uninterrupted run's θ_2 and φ_2, bit for bit."""
+    run_dir = tmp_path / "killed"
+    cfg = compose(run_dir, cache, *SHIPPED)
+    for i, (world, point) in enumerate([("oracle", "exchange/q/iter_000003/manifest.json"),
+                                        ("lm", "checkpoints/acft/lm/iter_000016/manifest.json")]):
+        killer = _Killer(run_dir, point, world=world, seed=i)
+        with pytest.raises((RuntimeError, SystemExit)):
+            drive(cfg)
+        killer.join(5)
+        assert killer.done, f"{point} never appeared"
+    drive(cfg)
+    for kind in ("lm", "nado"):
+        assert _weights(shipped_run, kind, 2) == _weights(run_dir, kind, 2), kind
+    got = json.loads((run_dir / "summary.json").read_text())
+    assert got["acft"] == json.loads((shipped_run / "summary.json").read_text())["acft"]
+    assert not list((run_dir / "exchange").glob("*/.iter_*tmp*"))

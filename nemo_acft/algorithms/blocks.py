@@ -141,13 +141,18 @@ def publish_reference_q(run, k: int, store: ArtifactStore, nado_it: int,
     chunk = max(a["nado_head"]["loss_chunk_tokens"] or 256, 2 ** 23 // run.model.module.vocab_size)
     bar = run.bar(len(steps), f"[{run.side}] q for LM block {k}/{run.K}", 1)
     t0 = time.perf_counter()
-    for g in range(0, len(steps), group):
-        these = steps[g:g + group]
+    # groups aligned on the step number, each computed whole: a restart computes a step's q in
+    # the same forward as before, so it is the same bit for bit
+    groups = sorted({t - t % group for t in steps})
+    for g in groups:
+        these = [t for t in range(g, g + group) if (k - 1) * S <= t < k * S]
         rows = [_lm_batch(run, data, t) for t in these]
         tokens = torch.cat([torch.cat([b["inputs"], b["targets"][:, -1:]], dim=1)
                             for _, b in rows])
         q_all = run.model.reference_q(tokens, top_k, micro_batch_size=mbs, chunk_tokens=chunk)
         for n, (t, (idx, _)) in enumerate(zip(these, rows)):
+            if store.exists("q", t + 1):
+                continue
             q = {key: v[n * gbs:(n + 1) * gbs].clone() for key, v in q_all.items()}
 
             def write(tmp, q=q, idx=idx):
@@ -158,7 +163,7 @@ def publish_reference_q(run, k: int, store: ArtifactStore, nado_it: int,
                            "based_on": {"lm": ri, "nado": nado_it}, "read": read})
             bar.update(1)
         if stop_agreed():
-            raise StopRequested(f"q for LM block {k} goes on from step {these[-1] + 2} on "
+            raise StopRequested(f"q for LM block {k} goes on after step {these[-1] + 1} on "
                                 f"resume")
     bar.close()
     seconds = time.perf_counter() - t0
