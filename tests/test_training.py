@@ -365,6 +365,18 @@ class _Killer(threading.Thread):
         self.done = True
 
 
+def _kill_then_rerun(run_dir, cfg, kills) -> None:
+    """For each ``(world, path_glob)`` of ``kills``: run ``cfg`` and SIGKILL that world once the
+    path appears (the run must fail), then a run to the end."""
+    for i, (world, point) in enumerate(kills):
+        killer = _Killer(run_dir, point, world=world, seed=i)
+        with pytest.raises((RuntimeError, SystemExit)):
+            drive(cfg)
+        killer.join(5)
+        assert killer.done, f"{point} never appeared"
+    drive(cfg)
+
+
 @pytest.mark.parametrize("schedule,kills", [
     # the one world of the sequential schedule: in oracle block 2, then inside LM block 2
     ("sequential", [("acft", "exchange/nado/iter_000001/manifest.json"),
@@ -377,14 +389,8 @@ def test_kill_9_of_either_group_and_resume_equals_uninterrupted(tmp_path, cache,
                                                                 par_run, schedule, kills):
     reference = seq_run if schedule == "sequential" else par_run
     run_dir = tmp_path / "killed"
-    cfg = compose(run_dir, cache, *([] if schedule == "sequential" else PAR))
-    for i, (world, point) in enumerate(kills):
-        killer = _Killer(run_dir, point, world=world, seed=i)
-        with pytest.raises((RuntimeError, SystemExit)):
-            drive(cfg)
-        killer.join(5)
-        assert killer.done, f"{point} never appeared"
-    drive(cfg)
+    _kill_then_rerun(run_dir, compose(run_dir, cache, *([] if schedule == "sequential" else PAR)),
+                     kills)
     for kind in ("lm", "nado"):
         assert _weights(reference, kind, 2) == _weights(run_dir, kind, 2), kind
     ref = json.loads((reference / "summary.json").read_text())
@@ -602,15 +608,9 @@ def test_kill_9_with_q_from_the_oracle_group_resumes_bit_for_bit(tmp_path, cache
     block waiting on it), then the LM group inside LM block 2; the reruns recompute the missing
     q in the same groups and end with the uninterrupted run's θ_2 and φ_2, bit for bit."""
     run_dir = tmp_path / "killed"
-    cfg = compose(run_dir, cache, *SHIPPED)
-    for i, (world, point) in enumerate([("oracle", "exchange/q/iter_000003/manifest.json"),
-                                        ("lm", "checkpoints/acft/lm/iter_000016/manifest.json")]):
-        killer = _Killer(run_dir, point, world=world, seed=i)
-        with pytest.raises((RuntimeError, SystemExit)):
-            drive(cfg)
-        killer.join(5)
-        assert killer.done, f"{point} never appeared"
-    drive(cfg)
+    _kill_then_rerun(run_dir, compose(run_dir, cache, *SHIPPED),
+                     [("oracle", "exchange/q/iter_000003/manifest.json"),
+                      ("lm", "checkpoints/acft/lm/iter_000016/manifest.json")])
     for kind in ("lm", "nado"):
         assert _weights(shipped_run, kind, 2) == _weights(run_dir, kind, 2), kind
     got = json.loads((run_dir / "summary.json").read_text())

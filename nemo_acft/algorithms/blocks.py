@@ -79,10 +79,9 @@ def regularizer(run, domains: Sequence[str]) -> Regularizer:
     from nemo_acft.config import domain_lambdas
 
     a = run.acft
-    reference = a["reference"] != "current"
     return Regularizer(torch.tensor(domain_lambdas(run.cfg, domains)), a["delta"],
-                       float(a["min_z"]), reference=reference,
-                       shipped=reference and a["reference_on"] == "oracle")
+                       float(a["min_z"]), reference=a["reference"] != "current",
+                       shipped=ships_reference_q(run))
 
 
 def sample_source(run, k: int) -> int:
@@ -112,7 +111,7 @@ def _lm_batch(run, data: LMDataset, step: int) -> Tuple[torch.Tensor, Dict[str, 
 
 
 def publish_reference_q(run, k: int, store: ArtifactStore, nado_it: int,
-                        data: LMDataset) -> Dict[str, float]:
+                        data: LMDataset) -> Dict[str, Any]:
     """Oracle side, ``model.acft.reference_on: oracle``: the reference's q of every step of LM
     block k, one ``store/q/iter_<step+1>`` artifact per step, published as soon as it is
     computed (the LM block reads step t's while this computes later ones). The reference is
@@ -120,7 +119,8 @@ def publish_reference_q(run, k: int, store: ArtifactStore, nado_it: int,
     its ``model.acft.reference_top_k`` ids per token and a tail bucket
     (:meth:`~nemo_acft.models.acft_model.MegatronGPTACFTModel.reference_q`). Steps already
     published are skipped (a restart), and so is a block whose θ_k exists; q of LM blocks that
-    have finished is deleted."""
+    have finished is deleted. Returns what it read and loaded into the model (for
+    :func:`oracle_block`'s ``loaded``), or ``{}`` when it loaded nothing."""
     S, a = run.S, run.acft
     done_blocks = {b for b in range(1, run.K + 1) if store.exists("lm", b)}
     stale = [t for t in store.iterations("q") if (t - 1) // S + 1 in done_blocks]
@@ -168,8 +168,7 @@ def publish_reference_q(run, k: int, store: ArtifactStore, nado_it: int,
     bar.close()
     seconds = time.perf_counter() - t0
     run.scalars("q", {"seconds_per_step": seconds / len(steps)}, k)
-    return {"q_steps": len(steps), "q_seconds": seconds, "read": read,
-            "loaded": (str(rs.path("lm", ri)), str(store.path("nado", nado_it)))}
+    return {"read": read, "loaded": (str(rs.path("lm", ri)), str(store.path("nado", nado_it)))}
 
 
 def _shipped_q(run, store: ArtifactStore, step: int, idx: torch.Tensor,

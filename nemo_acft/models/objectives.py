@@ -215,9 +215,10 @@ class ReferenceQ(Objective):
 
     def loss(self, mb, output, denom, scale, tp, vocab_size):  # noqa: D102
         from nemo_acft.nado.sparse import sparse_reference_q
+        from nemo_acft.nado.vocab_parallel import tp_world_size
 
         z, s = output
-        if z.shape[-1] * max(tp.size() if tp is not None else 1, 1) >= 2 ** 24:
+        if z.shape[-1] * tp_world_size(tp) >= 2 ** 24:
             raise ValueError(f"a vocabulary of {z.shape[-1]} per rank: ids past 2^24 are not "
                              f"exact as fp32")
         b, n, v = z.shape

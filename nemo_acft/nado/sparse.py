@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from nemo_acft.nado.fused import _acc_dtype, _all_reduce_sum_, _row_max
-from nemo_acft.nado.vocab_parallel import ProcessGroup, tp_rank, vocab_gather, vocab_top_k
+from nemo_acft.nado.vocab_parallel import (ProcessGroup, shard_ids, tp_rank, vocab_gather,
+                                           vocab_top_k)
 
 
 class SparseQ(NamedTuple):
@@ -52,11 +53,12 @@ class SparseQ(NamedTuple):
         return SparseQ(*(x.transpose(dim0, dim1) for x in self))
 
 
-def _in_shard(ids: torch.Tensor, start: int, v_local: int):
-    """``(local, in_shard)``: ids relative to this shard, clamped into it (so a gather or scatter
-    of every id stays in bounds), and where they really are this shard's."""
-    local = ids - start
-    return local.clamp(0, v_local - 1), (local >= 0) & (local < v_local)
+def _zero_kept_(e: torch.Tensor, loc: torch.Tensor, ins: torch.Tensor) -> torch.Tensor:
+    """``e`` (≥ 0, ``[c, V_local]``) with this shard's kept ids set to 0 in place: a min with 0
+    there and with +inf at the ids of other shards (clamped into this one by
+    :func:`~nemo_acft.nado.vocab_parallel.shard_ids`), so colliding clamped ids are a no-op."""
+    src = torch.where(ins, 0.0, float("inf")).to(e.dtype)
+    return e.scatter_reduce_(-1, loc, src, reduce="amin")
 
 
 @torch.no_grad()
@@ -93,9 +95,7 @@ def sparse_reference_q(ref_logits: torch.Tensor, nado_logits: torch.Tensor, top_
     log_q = b.sub_(c_q.unsqueeze(-1))
     _, ids = vocab_top_k(torch.maximum(log_p, log_q, out=log_p), top_k, tp_group, sorted=False)
     kept = vocab_gather(log_q, ids, tp_group)
-    loc, ins = _in_shard(ids, tp_rank(tp_group) * v_local, v_local)
-    e.scatter_reduce_(-1, loc, torch.where(ins, 0.0, float("inf")).to(e.dtype),
-                      reduce="amin")  # the kept ids of this shard to 0
+    _zero_kept_(e, *shard_ids(ids, tp_rank(tp_group) * v_local, v_local))
     rest = _all_reduce_sum_(e.sum(dim=-1), tp_group).div_(sum_q).log_()  # −inf: no tail
     f32 = torch.float32
     log_z = c_q - c_p + shift.squeeze(-1)  # log Σ p_ref σ(s)
@@ -119,19 +119,17 @@ class _FusedCESparseKL(torch.autograd.Function):
         ce = torch.empty(n, dtype=acc, device=z.device)
         kl, m_all, c_p, ratio, mass = (torch.empty_like(ce) for _ in range(5))
         start = tp_rank(tp_group) * v_local
+        zero = torch.zeros((), dtype=acc, device=z.device)
         for i in range(0, n, chunk):
             j = min(i + chunk, n)
             m = _row_max(z[i:j], tp_group)
             a = z[i:j] - m  # fp32 (type promotion); z is never written
             e = torch.exp(a)
-            loc, ins = _in_shard(ids[i:j], start, v_local)
-            zero = torch.zeros((), dtype=acc, device=z.device)
+            loc, ins = shard_ids(ids[i:j], start, v_local)
             e_kept = torch.where(ins, e.gather(-1, loc), zero)
             a_kept = a.gather(-1, loc)
-            e.scatter_reduce_(-1, loc, torch.where(ins, zero, torch.full_like(e_kept, float("inf"))),
-                              reduce="amin")  # the kept ids' terms to 0
-            tail_local = e.sum(dim=-1)
-            loc_y, y_in = _in_shard(y[i:j].unsqueeze(-1), start, v_local)
+            tail_local = _zero_kept_(e, loc, ins).sum(dim=-1)
+            loc_y, y_in = shard_ids(y[i:j].unsqueeze(-1), start, v_local)
             a_y = torch.where(y_in, a.gather(-1, loc_y), zero).squeeze(-1)
             # Σ_{kept, this shard} q (log q − (a − c_p)) = Σ q (log q − a) + c_p Σ q: both
             # parts reduced here, c_p added after the all-reduce
@@ -173,7 +171,7 @@ class _FusedCESparseKL(torch.autograd.Function):
             a = torch.sub(z[i:j], m, out=grad[i:j]) if direct else z[i:j].to(acc) - m
             p = a.sub_(c_p[i:j].unsqueeze(-1)).exp_()
             gk = g_kl[i:j].unsqueeze(-1)
-            loc, ins = _in_shard(ids[i:j], ctx.start, v_local)
+            loc, ins = shard_ids(ids[i:j], ctx.start, v_local)
             p_kept = p.gather(-1, loc)
             # (g_ce + g_kl (Σq − q_rest/p_rest)) p everywhere, then on the kept ids
             # g_kl (p q_rest/p_rest − q): their total g_kl (p − q). Σq, the shipped q's mass,
@@ -181,7 +179,7 @@ class _FusedCESparseKL(torch.autograd.Function):
             p.mul_(g_ce[i:j].unsqueeze(-1) + gk * (mass[i:j] - ratio[i:j]).unsqueeze(-1))
             fix = gk * (p_kept * ratio[i:j].unsqueeze(-1) - log_q[i:j].to(acc).exp())
             p.scatter_add_(-1, loc, torch.where(ins, fix, zero))
-            loc_y, y_in = _in_shard(y[i:j].unsqueeze(-1), ctx.start, v_local)
+            loc_y, y_in = shard_ids(y[i:j].unsqueeze(-1), ctx.start, v_local)
             p.scatter_add_(-1, loc_y, torch.where(y_in, -g_ce[i:j].unsqueeze(-1), zero))
             if not direct:
                 grad[i:j] = p
