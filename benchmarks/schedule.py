@@ -170,6 +170,7 @@ def main(argv=None):
     seq, par, sft = [], [], []
     st_seq, st_par, st_sft, first, startup, fill = [], [], [], [], [], []
     lm_block, oracle_block, sft_block = [], [], []  # the sequential run's blocks, alone
+    par_lm_block = []  # the parallel run's LM blocks, beside the oracle group
     between = []
     overrides = list(args.overrides)
     if args.tp2:
@@ -187,6 +188,7 @@ def main(argv=None):
         first.append(b["acft_iterations_s"][0])
         startup.append(b["startup_s"])
         lm_block.append(steady(a["lm_block_s"]))
+        par_lm_block.append(steady(b["lm_block_s"]))
         # what the sequential iteration spends beyond its two blocks: with reference_on=oracle
         # the reference's q for the LM block (and the blocks' loads and publications)
         between.append(steady([it - o - lm for it, o, lm in zip(
@@ -217,8 +219,15 @@ def main(argv=None):
     res["oracle_group_vs_lm_block"] = ((res["steady_oracle_block_s"]
                                         + res["steady_between_blocks_s"])
                                        / res["steady_lm_block_s"])
-    # what the parallel schedule costs beyond its LM block alone (contention, the exchange)
+    # what the parallel schedule costs beyond its LM block alone (contention, the exchange),
+    # in two factors: the LM block beside the oracle group / alone (the two groups share this
+    # machine's cores, caches and memory bandwidth; on a cluster they do not), and the parallel
+    # iteration / its LM block (the hand-over of θ and the first q between the blocks)
     res["steady_parallel_vs_lm_block"] = res["steady_parallel_s"] / res["steady_lm_block_s"]
+    res["steady_parallel_lm_block_s"] = statistics.median(par_lm_block)
+    res["parallel_lm_block_vs_alone"] = res["steady_parallel_lm_block_s"] / res["steady_lm_block_s"]
+    res["parallel_iteration_vs_lm_block"] = (res["steady_parallel_s"]
+                                             / res["steady_parallel_lm_block_s"])
     res["steady_sft_block_s"] = statistics.median(sft_block)
     res["lm_block_vs_sft_block"] = res["steady_lm_block_s"] / res["steady_sft_block_s"]
     # the floor of steady_parallel_vs_sft: the LM block's own extra FLOPs over SFT's
@@ -248,7 +257,9 @@ def main(argv=None):
           f"(oracle / LM {res['oracle_vs_lm_block']:.2f}), between the blocks "
           f"{res['steady_between_blocks_s']:.1f} s (oracle group / LM "
           f"{res['oracle_group_vs_lm_block']:.2f}); parallel / LM block "
-          f"{res['steady_parallel_vs_lm_block']:.2f}")
+          f"{res['steady_parallel_vs_lm_block']:.2f} = LM block beside the oracle group / alone "
+          f"{res['parallel_lm_block_vs_alone']:.2f} x parallel iteration / its LM block "
+          f"{res['parallel_iteration_vs_lm_block']:.2f}")
     if args.json:
         write_results(args.json, res, plot, res)
     return res

@@ -596,6 +596,7 @@ def test_parallel_run_with_q_from_the_oracle_group(shipped_run, par_run):
     for k in (1, 2):
         mine, theirs = _manifest(run_dir, "lm", k), _manifest(par_run, "lm", k)
         assert "q" in mine["read"]["reference"] and "lm" not in mine["read"]["reference"]
+        assert "nado" not in mine["read"] and mine["based_on"]["nado"] == 1
         for key in ("lm_loss", "kl", "penalty", "mean_z"):
             assert mine["metrics"][key] == pytest.approx(theirs["metrics"][key], rel=2e-3,
                                                          abs=1e-5), (k, key)

@@ -232,7 +232,9 @@ def lm_block(run, method: str, k: int, store: ArtifactStore, data: LMDataset, *,
 
     Args:
         reg: the regularizer (ACFT) with φ from ``nado`` = ``(store, iteration)``; None: the LM
-            loss alone (the plain fine-tune and the filtering and RL baselines).
+            loss alone (the plain fine-tune and the filtering and RL baselines). With the
+            reference's q shipped, φ is not read: the q the oracle side built from it is all
+            the step needs.
         extra: extra loss terms per step (the RL baseline).
         alive: with the reference's q shipped (``reg.shipped``), the oracle side's liveness
             to wait on for each step's q (:func:`publish_reference_q`); None: it must exist.
@@ -254,10 +256,10 @@ def lm_block(run, method: str, k: int, store: ArtifactStore, data: LMDataset, *,
         src_store, src_it = (store, k - 1) if k > 1 else (run.exchange, 0)
     with_opt = bool(src_store.manifest("lm", src_it).get("with_optimizer"))
     read = {"lm": _read(run, src_store, "lm", src_it, "trunk", with_optimizer=with_opt)}
-    if nado is not None:
+    shipped = reg is not None and reg.shipped
+    if nado is not None and not shipped:  # a shipped q is all of φ the step needs
         read["nado"] = _read(run, nado[0], "nado", nado_it, "head")
     kl_on = a["kl_on"] if reg is not None else "corpus"
-    shipped = reg is not None and reg.shipped
     if shipped:
         read["reference"] = {"q": str(store.root / "q"), "top_k": int(a["reference_top_k"])}
     elif reg is not None and reg.reference:

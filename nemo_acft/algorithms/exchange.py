@@ -181,10 +181,13 @@ class ArtifactStore:
                  alive: Optional[Callable[[], bool]] = None) -> Dict[str, Any]:
         """Block until the artifact exists and return its manifest.
 
-        Raises TimeoutError naming the directory after ``timeout_s``, or RuntimeError as soon
-        as ``alive()`` turns False (the producer died).
+        Polls every 10 ms at first, backing off by 1.5× to every ``poll_s`` (a hand-over
+        that is nearly ready costs little latency, a long wait few file-system calls). Raises
+        TimeoutError naming the directory after ``timeout_s``, or RuntimeError as soon as
+        ``alive()`` turns False (the producer died).
         """
         deadline = time.monotonic() + timeout_s
+        delay = min(0.01, poll_s)
         while not self.exists(kind, iteration):
             if alive is not None and not alive():
                 raise RuntimeError(f"{waiting_for} stopped before writing {kind} iteration "
@@ -193,7 +196,8 @@ class ArtifactStore:
                 raise TimeoutError(f"waited {timeout_s:.0f} s for {waiting_for} to write {kind} "
                                    f"iteration {iteration} to {self.path(kind, iteration)}; "
                                    "is it running, and does it see the same directory?")
-            time.sleep(poll_s)
+            time.sleep(delay)
+            delay = min(delay * 1.5, poll_s)
         return self.manifest(kind, iteration)
 
     def clean_temporaries(self, kind: str) -> int:

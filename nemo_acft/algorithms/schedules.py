@@ -55,9 +55,11 @@ def _lm_side(run) -> None:
     todo = [k for k in range(1, run.K + 1) if not ex.exists("lm", k)]
     t0 = time.perf_counter()
     alive = Liveness(ex, "oracle", x["heartbeat_timeout_s"])
+    ship = ships_reference_q(run)
     for done, k in enumerate(todo, 1):
         j = nado_for("parallel", k)
-        wait_for(ex, "nado", j, x["timeout_s"], "the oracle side", alive)
+        if not ship:  # with q shipped, each step waits for its q (built from φ_j) instead
+            wait_for(ex, "nado", j, x["timeout_s"], "the oracle side", alive)
         m = lm_block(run, "acft", k, ex, run.data.train, reg=reg, nado=(ex, j), alive=alive)
         log_block(run, "acft LM block", k, m, t0, done, len(todo))
 

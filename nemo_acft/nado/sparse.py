@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from nemo_acft.nado.fused import _acc_dtype, _all_reduce_sum_, _row_max
-from nemo_acft.nado.vocab_parallel import (ProcessGroup, shard_ids, tp_rank, vocab_gather,
-                                           vocab_top_k)
+from nemo_acft.nado.vocab_parallel import (ProcessGroup, shard_ids, tp_rank, tp_world_size,
+                                           vocab_gather, vocab_top_k)
 
 
 class SparseQ(NamedTuple):
@@ -53,11 +53,24 @@ class SparseQ(NamedTuple):
         return SparseQ(*(x.transpose(dim0, dim1) for x in self))
 
 
-def _zero_kept_(e: torch.Tensor, loc: torch.Tensor, ins: torch.Tensor) -> torch.Tensor:
+def _local(ids: torch.Tensor, start: int, v_local: int, split: bool):
+    """:func:`~nemo_acft.nado.vocab_parallel.shard_ids` where the vocabulary is split; the ids
+    themselves and ``None`` (all of them this shard's) where it is not."""
+    return shard_ids(ids, start, v_local) if split else (ids, None)
+
+
+def _mine(ins, x: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``x`` where the ids are this shard's (``ins``, None: all), 0 elsewhere."""
+    return x if ins is None else torch.where(ins, x, zero)
+
+
+def _zero_kept_(e: torch.Tensor, loc: torch.Tensor, ins) -> torch.Tensor:
     """``e`` (≥ 0, ``[c, V_local]``) with this shard's kept ids set to 0 in place: a min with 0
     there and with +inf at the ids of other shards (clamped into this one by
-    :func:`~nemo_acft.nado.vocab_parallel.shard_ids`), so colliding clamped ids are a no-op."""
-    src = torch.where(ins, 0.0, float("inf")).to(e.dtype)
+    :func:`~nemo_acft.nado.vocab_parallel.shard_ids`), so colliding clamped ids are a no-op.
+    ``ins`` None: every id is this shard's."""
+    src = (torch.zeros(loc.shape, dtype=e.dtype, device=e.device) if ins is None else
+           torch.where(ins, 0.0, float("inf")).to(e.dtype))
     return e.scatter_reduce_(-1, loc, src, reduce="amin")
 
 
@@ -95,7 +108,8 @@ def sparse_reference_q(ref_logits: torch.Tensor, nado_logits: torch.Tensor, top_
     log_q = b.sub_(c_q.unsqueeze(-1))
     _, ids = vocab_top_k(torch.maximum(log_p, log_q, out=log_p), top_k, tp_group, sorted=False)
     kept = vocab_gather(log_q, ids, tp_group)
-    _zero_kept_(e, *shard_ids(ids, tp_rank(tp_group) * v_local, v_local))
+    _zero_kept_(e, *_local(ids, tp_rank(tp_group) * v_local, v_local,
+                           tp_world_size(tp_group) > 1))
     rest = _all_reduce_sum_(e.sum(dim=-1), tp_group).div_(sum_q).log_()  # −inf: no tail
     f32 = torch.float32
     log_z = c_q - c_p + shift.squeeze(-1)  # log Σ p_ref σ(s)
@@ -106,11 +120,14 @@ def sparse_reference_q(ref_logits: torch.Tensor, nado_logits: torch.Tensor, top_
 
 class _FusedCESparseKL(torch.autograd.Function):
     """Per chunk of tokens: the row max m of z, ``a = z − m``, ``e = exp(a)``; the kept ids'
-    ``e`` gathered and zeroed, so one sum gives the tail and the total (no ``1 − Σ``
-    cancellation); one all-reduce of [total, tail, target logit, kept ids' Σ q (log q − a),
-    Σ q] per chunk beside the max. Saved per token: m, ``c_p = log Σ e``, ``q_rest/p_rest`` and
-    the shipped q's mass. Gathers and scatters only (no ``nonzero``): an id of another shard
-    is clamped into this one and contributes 0 (its zeroing is a min with +inf, a no-op)."""
+    ``a`` gathered (their ``e`` is its exp) and their ``e`` zeroed, so one sum gives the tail
+    and the total (no ``1 − Σ`` cancellation); one all-reduce of [total, tail, target logit,
+    kept ids' Σ q (log q − a), Σ q] per chunk beside the max. Saved per token: m,
+    ``c_p = log Σ e``, ``q_rest/p_rest``, the shipped q's mass and the kept ids' ``a`` (the
+    backward's p there, without a second gather). Gathers and scatters only (no
+    ``nonzero``): where the vocabulary is split, an id of another shard is clamped into this
+    one and contributes 0 (its zeroing is a min with +inf, a no-op); where it is not, the
+    masks are skipped."""
 
     @staticmethod
     def forward(ctx, z, y, ids, log_q, log_rest, tp_group, chunk):  # noqa: D102
@@ -118,6 +135,8 @@ class _FusedCESparseKL(torch.autograd.Function):
         acc = _acc_dtype(z.dtype)
         ce = torch.empty(n, dtype=acc, device=z.device)
         kl, m_all, c_p, ratio, mass = (torch.empty_like(ce) for _ in range(5))
+        a_kept_all = torch.empty(ids.shape, dtype=acc, device=z.device)
+        split = tp_world_size(tp_group) > 1
         start = tp_rank(tp_group) * v_local
         zero = torch.zeros((), dtype=acc, device=z.device)
         for i in range(0, n, chunk):
@@ -125,16 +144,16 @@ class _FusedCESparseKL(torch.autograd.Function):
             m = _row_max(z[i:j], tp_group)
             a = z[i:j] - m  # fp32 (type promotion); z is never written
             e = torch.exp(a)
-            loc, ins = shard_ids(ids[i:j], start, v_local)
-            e_kept = torch.where(ins, e.gather(-1, loc), zero)
-            a_kept = a.gather(-1, loc)
+            loc, ins = _local(ids[i:j], start, v_local, split)
+            a_kept = torch.gather(a, -1, loc, out=a_kept_all[i:j])
+            e_kept = _mine(ins, a_kept.exp(), zero)
             tail_local = _zero_kept_(e, loc, ins).sum(dim=-1)
-            loc_y, y_in = shard_ids(y[i:j].unsqueeze(-1), start, v_local)
-            a_y = torch.where(y_in, a.gather(-1, loc_y), zero).squeeze(-1)
+            loc_y, y_in = _local(y[i:j].unsqueeze(-1), start, v_local, split)
+            a_y = _mine(y_in, a.gather(-1, loc_y), zero).squeeze(-1)
             # Σ_{kept, this shard} q (log q − (a − c_p)) = Σ q (log q − a) + c_p Σ q: both
             # parts reduced here, c_p added after the all-reduce
             lq = log_q[i:j].to(acc)
-            q = torch.where(ins, lq.exp(), zero)
+            q = _mine(ins, lq.exp(), zero)
             term = torch.where(q > 0, q * (lq - a_kept), zero).sum(dim=-1)
             sums = torch.stack([tail_local + e_kept.sum(dim=-1), tail_local, a_y, term,
                                 q.sum(dim=-1)])
@@ -149,13 +168,13 @@ class _FusedCESparseKL(torch.autograd.Function):
             m_all[i:j], c_p[i:j] = m.squeeze(-1), c
             ratio[i:j] = torch.where(q_rest > 0, (lr - log_p_rest).exp(), zero)
             mass[i:j] = q_kept + q_rest  # 1 up to the rounding of the shipped q
-        ctx.save_for_backward(z, y, ids, log_q, m_all, c_p, ratio, mass)
-        ctx.chunk, ctx.start = chunk, start
+        ctx.save_for_backward(z, y, ids, log_q, a_kept_all, m_all, c_p, ratio, mass)
+        ctx.chunk, ctx.start, ctx.split = chunk, start, split
         return ce, kl
 
     @staticmethod
     def backward(ctx, g_ce, g_kl):  # noqa: D102
-        z, y, ids, log_q, m_all, c_p, ratio, mass = ctx.saved_tensors
+        z, y, ids, log_q, a_kept_all, m_all, c_p, ratio, mass = ctx.saved_tensors
         n, v_local = z.shape
         acc = _acc_dtype(z.dtype)
         g_ce = torch.zeros(n, dtype=acc, device=z.device) if g_ce is None else g_ce.to(acc)
@@ -166,21 +185,23 @@ class _FusedCESparseKL(torch.autograd.Function):
         for i in range(0, n, ctx.chunk):
             j = min(i + ctx.chunk, n)
             m = m_all[i:j].unsqueeze(-1)
+            c = c_p[i:j].unsqueeze(-1)
             # p, in the gradient's own rows where that is fp32; the two shifts one at a time
             # (m can be ~1e4: summed first, it would round the O(1) normaliser)
             a = torch.sub(z[i:j], m, out=grad[i:j]) if direct else z[i:j].to(acc) - m
-            p = a.sub_(c_p[i:j].unsqueeze(-1)).exp_()
+            p = a.sub_(c).exp_()
             gk = g_kl[i:j].unsqueeze(-1)
-            loc, ins = shard_ids(ids[i:j], ctx.start, v_local)
-            p_kept = p.gather(-1, loc)
+            r = ratio[i:j].unsqueeze(-1)
+            loc, ins = _local(ids[i:j], ctx.start, v_local, ctx.split)
             # (g_ce + g_kl (Σq − q_rest/p_rest)) p everywhere, then on the kept ids
             # g_kl (p q_rest/p_rest − q): their total g_kl (p − q). Σq, the shipped q's mass,
-            # is 1 up to its rounding: the gradient of the value the forward computed.
-            p.mul_(g_ce[i:j].unsqueeze(-1) + gk * (mass[i:j] - ratio[i:j]).unsqueeze(-1))
-            fix = gk * (p_kept * ratio[i:j].unsqueeze(-1) - log_q[i:j].to(acc).exp())
-            p.scatter_add_(-1, loc, torch.where(ins, fix, zero))
-            loc_y, y_in = shard_ids(y[i:j].unsqueeze(-1), ctx.start, v_local)
-            p.scatter_add_(-1, loc_y, torch.where(y_in, -g_ce[i:j].unsqueeze(-1), zero))
+            # is 1 up to its rounding: the gradient of the value the forward computed. The
+            # kept ids' p comes from the forward's a (the same p as a gather of it).
+            p.mul_(g_ce[i:j].unsqueeze(-1) + gk * (mass[i:j].unsqueeze(-1) - r))
+            fix = gk * ((a_kept_all[i:j] - c).exp_().mul_(r) - log_q[i:j].to(acc).exp())
+            p.scatter_add_(-1, loc, _mine(ins, fix, zero))
+            loc_y, y_in = _local(y[i:j].unsqueeze(-1), ctx.start, v_local, ctx.split)
+            p.scatter_add_(-1, loc_y, _mine(y_in, -g_ce[i:j].unsqueeze(-1), zero))
             if not direct:
                 grad[i:j] = p
         return grad, None, None, None, None, None, None
