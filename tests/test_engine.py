@@ -649,6 +649,7 @@ def _shipped_q_worker(rank, world, tp, pp, path, top_k):
     """The reference's q computed by :meth:`reference_q` (here by the model while it equals the
     reference) and shipped with the batch, against the in-step reference: before and after
     the trunk moves. ``top_k`` None: the whole vocabulary (the coarsened KL is the full one)."""
+    from nemo_acft.models.acft_model import SHIPPED_Q
     from nemo_acft.models.objectives import LMLoss, Regularizer
 
     m = build(tp=tp, pp=pp, world=world)
@@ -662,13 +663,15 @@ def _shipped_q_worker(rank, world, tp, pp, path, top_k):
     b = corpus_batch(seed=3)
     tokens = torch.cat([b["inputs"], b["targets"][:, -1:]], dim=1)
     shipped = {**b, **m.reference_q(tokens, k, micro_batch_size=4)}
-    out = {"v": v, "q_ids": shipped["q_ids"], "q_log": shipped["q_log"],
-           "q_log_rest": shipped["q_log_rest"], "q_log_z": shipped["q_log_z"]}
+    # q where the loss counts only (b's rows are ragged: a placeholder on their padding)
+    masked = {**b, **m.reference_q(tokens, k, micro_batch_size=4, loss_mask=b["loss_mask"])}
+    out = {"v": v, "mask": b["loss_mask"], "masked": {key: masked[key] for key in SHIPPED_Q},
+           **{key: shipped[key] for key in SHIPPED_Q}}
     m.lm_step(corpus_batch(seed=9), None, micro_batch_size=4)  # the trunk moves, q_ref stays
+    shipped_reg = Regularizer(torch.tensor(LAMBDAS), 0.9, 0.0, True, shipped=True)
     for name, reg, batch in (
             ("inline", Regularizer(torch.tensor(LAMBDAS), 0.9, 0.0, True), b),
-            ("shipped", Regularizer(torch.tensor(LAMBDAS), 0.9, 0.0, True, shipped=True),
-             shipped)):
+            ("shipped", shipped_reg, shipped), ("shipped_masked", shipped_reg, masked)):
         m._optimizer.zero_grad()
         out[name] = m._fwd_bwd(batch, LMLoss(reg), 2)
         if tp == pp == 1:
@@ -691,10 +694,29 @@ def test_shipped_q_of_the_whole_vocabulary_equals_the_in_step_reference(tmp_path
                                atol=1e-7)
     assert torch.isinf(one["q_log_rest"]).all()  # nothing outside the kept ids
     assert one["q_ids"].shape[-1] == one["v"]
+    # q at the loss mask only: the same q there, the placeholder elsewhere (all of q on id 0,
+    # Z = 1), and the same step (the loss mask zeroes the placeholder's KL and its gradient)
+    on, masked = one["mask"] > 0, one["masked"]
+    assert 0 < on.sum() < on.numel()
+    assert torch.equal(masked["q_ids"][on], one["q_ids"][on])
+    for key in ("q_log", "q_log_rest", "q_log_z"):
+        torch.testing.assert_close(masked[key][on], one[key][on], rtol=0, atol=0)
+    off = ~on
+    assert torch.equal(masked["q_ids"][off].long(),
+                       torch.arange(one["v"]).expand(int(off.sum()), -1))
+    assert (masked["q_log"][off][:, 0] == 0).all() and torch.isinf(masked["q_log"][off][:, 1:]).all()
+    assert torch.isinf(masked["q_log_rest"][off]).all() and (masked["q_log_z"][off] == 0).all()
+    for key in ("loss", "lm_loss", "penalty", "kl", "mean_z", "gated_share"):
+        assert one["shipped_masked"][key] == pytest.approx(one["shipped"][key], rel=1e-6,
+                                                           abs=1e-8), key
+    torch.testing.assert_close(one["shipped_masked_w_grad"], one["shipped_w_grad"], rtol=1e-5,
+                               atol=1e-8)
     for tp, pp in ((2, 1), (1, 2)):
         for r in run_workers(_shipped_q_worker, 2, tp, pp, str(tmp_path / f"{tp}{pp}"), None):
             torch.testing.assert_close(r["q_log_z"], one["q_log_z"], rtol=1e-5, atol=1e-6)
-            for name in ("inline", "shipped"):
+            torch.testing.assert_close(r["masked"]["q_log_z"], one["masked"]["q_log_z"],
+                                       rtol=1e-5, atol=1e-6)
+            for name in ("inline", "shipped", "shipped_masked"):
                 for key in ("loss", "lm_loss", "penalty", "kl", "mean_z", "gated_share"):
                     assert r[name][key] == pytest.approx(one[name][key], rel=2e-5, abs=1e-7), \
                         (tp, pp, name, key)

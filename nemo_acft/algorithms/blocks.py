@@ -149,7 +149,9 @@ def publish_reference_q(run, k: int, store: ArtifactStore, nado_it: int,
         rows = [_lm_batch(run, data, t) for t in these]
         tokens = torch.cat([torch.cat([b["inputs"], b["targets"][:, -1:]], dim=1)
                             for _, b in rows])
-        q_all = run.model.reference_q(tokens, top_k, micro_batch_size=mbs, chunk_tokens=chunk)
+        # q where the LM loss counts (a corpus row's padding gets a placeholder)
+        q_all = run.model.reference_q(tokens, top_k, micro_batch_size=mbs, chunk_tokens=chunk,
+                                      loss_mask=torch.cat([b["loss_mask"] for _, b in rows]))
         for n, (t, (idx, _)) in enumerate(zip(these, rows)):
             if store.exists("q", t + 1):
                 continue

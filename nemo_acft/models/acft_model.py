@@ -488,16 +488,20 @@ class MegatronGPTACFTModel(MegatronGPTModel):
 
     @torch.no_grad()
     def reference_q(self, tokens: torch.Tensor, top_k: int, micro_batch_size=None,
-                    chunk_tokens: int = 256) -> Dict[str, torch.Tensor]:
+                    chunk_tokens: int = 256, loss_mask: Optional[torch.Tensor] = None
+                    ) -> Dict[str, torch.Tensor]:
         """This model as the reference of an LM step (``model.acft.reference_on: oracle``): its
         q after every prefix ``tokens[:, :i+1]`` as :func:`~nemo_acft.nado.sparse.sparse_reference_q`
         (the ``top_k`` ids, their log q, the tail's log mass, log Z), on the CPU, keyed as an LM
         batch carries them (``q_ids`` ``[B, T-1, k]`` int32, ``q_log`` ``[B, T-1, k]``,
         ``q_log_rest`` and ``q_log_z`` ``[B, T-1]``, fp32). ``top_k`` at least the (padded)
-        vocabulary: all of it, and the LM step's KL is the exact one."""
+        vocabulary: all of it, and the LM step's KL is the exact one. ``loss_mask``
+        ``[B, T-1]``: q only where it is 1 (a placeholder elsewhere,
+        :func:`~nemo_acft.models.objectives.placeholder_q`; the forward still reads every
+        token)."""
         k = min(int(top_k), int(self.module.vocab_size))
         out = self._collect(tokens, ReferenceQ(k, int(chunk_tokens)), 2 * k + 2,
-                            micro_batch_size)
+                            micro_batch_size, loss_mask=loss_mask)
         return {"q_ids": out[:k].round().to(torch.int32).permute(1, 2, 0).contiguous(),
                 "q_log": out[k:2 * k].permute(1, 2, 0).contiguous(),
                 "q_log_rest": out[2 * k].contiguous(), "q_log_z": out[2 * k + 1].contiguous()}
@@ -511,9 +515,10 @@ class MegatronGPTACFTModel(MegatronGPTModel):
         return self._collect(tokens, DistributionStats(), 3, micro_batch_size, on_reference)
 
     def _collect(self, tokens, objective: Objective, k: int, micro_batch_size=None,
-                 on_reference: bool = False) -> torch.Tensor:
+                 on_reference: bool = False, loss_mask=None) -> torch.Tensor:
         """A collecting objective's ``k`` values per position of ``tokens`` ``[B, T]``, as
-        ``[k, B, T-1]`` on the CPU, on every rank."""
+        ``[k, B, T-1]`` on the CPU, on every rank (``loss_mask`` ``[B, T-1]``, if given, goes
+        to the objective with the batch; padding rows and positions get 0)."""
         tokens = torch.as_tensor(tokens, dtype=torch.long)
         rows, width = tokens.shape
         dp_rank, dp = _dp()
@@ -528,6 +533,12 @@ class MegatronGPTACFTModel(MegatronGPTModel):
         padded = torch.full((per_rank * dp, seq + 1), self.pad_id, dtype=torch.long)
         padded[:rows, :width] = tokens
         batch = {"inputs": padded[:, :-1], "targets": padded[:, 1:].contiguous()}
+        if loss_mask is not None:
+            if tuple(loss_mask.shape) != (rows, width - 1):
+                raise ValueError(f"loss_mask {tuple(loss_mask.shape)}: expected "
+                                 f"{(rows, width - 1)} for tokens {(rows, width)}")
+            batch["loss_mask"] = torch.zeros(per_rank * dp, seq)
+            batch["loss_mask"][:rows, :width - 1] = loss_mask
         data = self._fwd_bwd(batch, objective, mbs, on_reference)
         out = torch.zeros(k, per_rank, seq, device=self.device)
         if parallel_state.is_pipeline_last_stage():

@@ -204,7 +204,9 @@ class ReferenceQ(Objective):
     """Forward only, with the head, on the reference itself: its q at every position as
     :func:`~nemo_acft.nado.sparse.sparse_reference_q`'s top ``top_k`` ids, their log q, the
     tail's log mass and log Z, collected as ``[2·top_k + 2, b, s]`` fp32 (ids as floats:
-    exact below 2^24, checked)."""
+    exact below 2^24, checked). With a ``loss_mask`` in the micro-batch, q is computed only
+    where it is 1 (the positions an LM step's loss counts); elsewhere a placeholder,
+    :func:`placeholder_q`."""
 
     top_k: int
     chunk_tokens: int = 256
@@ -223,13 +225,32 @@ class ReferenceQ(Objective):
                              f"exact as fp32")
         b, n, v = z.shape
         zf, sf = z.reshape(b * n, v), s.reshape(b * n, v)
-        parts = []
-        for i in range(0, b * n, max(self.chunk_tokens, 1)):
-            j = min(i + max(self.chunk_tokens, 1), b * n)
+        keep = None
+        if "loss_mask" in mb:  # the same on every rank of the TP group: the same rows
+            keep = (mb["loss_mask"].reshape(-1) > 0).nonzero().squeeze(-1)
+            zf, sf = zf[keep], sf[keep]
+        parts = [placeholder_q(self.top_k, 0, z.device)]
+        for i in range(0, zf.shape[0], max(self.chunk_tokens, 1)):
+            j = min(i + max(self.chunk_tokens, 1), zf.shape[0])
             q = sparse_reference_q(zf[i:j], sf[i:j], self.top_k, tp)
             parts.append(torch.cat([q.ids.float(), q.log_q, q.log_rest[:, None],
                                     q.log_z[:, None]], dim=-1))
-        return torch.cat(parts).view(b, n, -1).permute(2, 0, 1)
+        out = torch.cat(parts)
+        if keep is not None:
+            out = placeholder_q(self.top_k, b * n, z.device).index_copy_(0, keep, out)
+        return out.view(b, n, -1).permute(2, 0, 1)
+
+
+def placeholder_q(top_k: int, rows: int, device=None) -> torch.Tensor:
+    """``[rows, 2·top_k + 2]`` rows of :class:`ReferenceQ`'s layout for positions no loss
+    counts: all of q on id 0 (ids ``0..top_k−1``, log q ``[0, −inf, …]``), no tail, Z = 1. A
+    valid q, so the LM step's KL there is finite (−log p of id 0), and the loss mask zeroes it
+    and its gradient."""
+    row = torch.full((2 * top_k + 2,), float("-inf"), device=device)
+    row[:top_k] = torch.arange(top_k, dtype=torch.float32, device=device)
+    row[top_k] = 0.0
+    row[-1] = 0.0
+    return row.expand(rows, -1).clone()
 
 
 @dataclass
