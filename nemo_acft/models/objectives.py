@@ -228,7 +228,10 @@ class ReferenceQ(Objective):
         keep = None
         if "loss_mask" in mb:  # the same on every rank of the TP group: the same rows
             keep = (mb["loss_mask"].reshape(-1) > 0).nonzero().squeeze(-1)
-            zf, sf = zf[keep], sf[keep]
+            if keep.numel() == b * n:  # every position counts: no copy
+                keep = None
+            else:
+                zf, sf = zf[keep], sf[keep]
         parts = [placeholder_q(self.top_k, 0, z.device)]
         for i in range(0, zf.shape[0], max(self.chunk_tokens, 1)):
             j = min(i + max(self.chunk_tokens, 1), zf.shape[0])
