@@ -54,7 +54,9 @@ class NADOHeadConfig:
             (``cross_entropy`` and ``closed_form_kl`` under autograd).
         compile_loss: ``torch.compile`` each chunk of the fused pass (TP = 1, any
             ``reference``; at TP > 1 the eager pass): its elementwise work fused, at a one-off
-            compile of tens of seconds per process (``benchmarks/fused_pass.py``).
+            compile of tens of seconds per process (``benchmarks/fused_pass.py``). The loss
+            against a shipped q (``reference_on: oracle``, :mod:`nemo_acft.nado.sparse`) is
+            always eager.
     """
 
     num_layers: int = 0
