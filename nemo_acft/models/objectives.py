@@ -232,13 +232,13 @@ class ReferenceQ(Objective):
                 keep = None
             else:
                 zf, sf = zf[keep], sf[keep]
-        parts = [placeholder_q(self.top_k, 0, z.device)]
+        parts = []
         for i in range(0, zf.shape[0], max(self.chunk_tokens, 1)):
             j = min(i + max(self.chunk_tokens, 1), zf.shape[0])
             q = sparse_reference_q(zf[i:j], sf[i:j], self.top_k, tp)
             parts.append(torch.cat([q.ids.float(), q.log_q, q.log_rest[:, None],
                                     q.log_z[:, None]], dim=-1))
-        out = torch.cat(parts)
+        out = torch.cat(parts) if parts else placeholder_q(self.top_k, 0, z.device)
         if keep is not None:
             out = placeholder_q(self.top_k, b * n, z.device).index_copy_(0, keep, out)
         return out.view(b, n, -1).permute(2, 0, 1)

@@ -53,12 +53,6 @@ class SparseQ(NamedTuple):
         return SparseQ(*(x.transpose(dim0, dim1) for x in self))
 
 
-def _local(ids: torch.Tensor, start: int, v_local: int, split: bool):
-    """:func:`~nemo_acft.nado.vocab_parallel.shard_ids` where the vocabulary is split; the ids
-    themselves and ``None`` (all of them this shard's) where it is not."""
-    return shard_ids(ids, start, v_local) if split else (ids, None)
-
-
 def _mine(ins, x: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """``x`` where the ids are this shard's (``ins``, None: all), 0 elsewhere."""
     return x if ins is None else torch.where(ins, x, zero)
@@ -108,8 +102,8 @@ def sparse_reference_q(ref_logits: torch.Tensor, nado_logits: torch.Tensor, top_
     log_q = b.sub_(c_q.unsqueeze(-1))
     _, ids = vocab_top_k(torch.maximum(log_p, log_q, out=log_p), top_k, tp_group, sorted=False)
     kept = vocab_gather(log_q, ids, tp_group)
-    _zero_kept_(e, *_local(ids, tp_rank(tp_group) * v_local, v_local,
-                           tp_world_size(tp_group) > 1))
+    _zero_kept_(e, *shard_ids(ids, tp_rank(tp_group) * v_local, v_local,
+                              tp_world_size(tp_group) > 1))
     rest = _all_reduce_sum_(e.sum(dim=-1), tp_group).div_(sum_q).log_()  # −inf: no tail
     f32 = torch.float32
     log_z = c_q - c_p + shift.squeeze(-1)  # log Σ p_ref σ(s)
@@ -144,11 +138,11 @@ class _FusedCESparseKL(torch.autograd.Function):
             m = _row_max(z[i:j], tp_group)
             a = z[i:j] - m  # fp32 (type promotion); z is never written
             e = torch.exp(a)
-            loc, ins = _local(ids[i:j], start, v_local, split)
+            loc, ins = shard_ids(ids[i:j], start, v_local, split)
             a_kept = torch.gather(a, -1, loc, out=a_kept_all[i:j])
             e_kept = _mine(ins, a_kept.exp(), zero)
             tail_local = _zero_kept_(e, loc, ins).sum(dim=-1)
-            loc_y, y_in = _local(y[i:j].unsqueeze(-1), start, v_local, split)
+            loc_y, y_in = shard_ids(y[i:j].unsqueeze(-1), start, v_local, split)
             a_y = _mine(y_in, a.gather(-1, loc_y), zero).squeeze(-1)
             # Σ_{kept, this shard} q (log q − (a − c_p)) = Σ q (log q − a) + c_p Σ q: both
             # parts reduced here, c_p added after the all-reduce
@@ -192,7 +186,7 @@ class _FusedCESparseKL(torch.autograd.Function):
             p = a.sub_(c).exp_()
             gk = g_kl[i:j].unsqueeze(-1)
             r = ratio[i:j].unsqueeze(-1)
-            loc, ins = _local(ids[i:j], ctx.start, v_local, ctx.split)
+            loc, ins = shard_ids(ids[i:j], ctx.start, v_local, ctx.split)
             # (g_ce + g_kl (Σq − q_rest/p_rest)) p everywhere, then on the kept ids
             # g_kl (p q_rest/p_rest − q): their total g_kl (p − q). Σq, the shipped q's mass,
             # is 1 up to its rounding: the gradient of the value the forward computed. The
@@ -200,7 +194,7 @@ class _FusedCESparseKL(torch.autograd.Function):
             p.mul_(g_ce[i:j].unsqueeze(-1) + gk * (mass[i:j].unsqueeze(-1) - r))
             fix = gk * ((a_kept_all[i:j] - c).exp_().mul_(r) - log_q[i:j].to(acc).exp())
             p.scatter_add_(-1, loc, _mine(ins, fix, zero))
-            loc_y, y_in = _local(y[i:j].unsqueeze(-1), ctx.start, v_local, ctx.split)
+            loc_y, y_in = shard_ids(y[i:j].unsqueeze(-1), ctx.start, v_local, ctx.split)
             p.scatter_add_(-1, loc_y, _mine(y_in, -g_ce[i:j].unsqueeze(-1), zero))
             if not direct:
                 grad[i:j] = p

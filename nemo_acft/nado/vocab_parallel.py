@@ -168,10 +168,14 @@ def vocab_sum(x: torch.Tensor, tp_group: ProcessGroup) -> torch.Tensor:
     return all_reduce_sum(x.sum(dim=-1), tp_group)
 
 
-def shard_ids(ids: torch.Tensor, start: int, v_local: int):
+def shard_ids(ids: torch.Tensor, start: int, v_local: int, split: bool = True):
     """``(local, in_shard)`` for ids of the full vocabulary and the shard ``[start, start +
     v_local)``: the ids relative to the shard, clamped into it (a gather or scatter of every id
-    stays in bounds), and where they really are the shard's (the others must contribute 0)."""
+    stays in bounds), and where they really are the shard's (the others must contribute 0).
+    ``split`` False (the vocabulary is not split: the shard is all of it): the ids themselves
+    and ``None``, no mask to apply."""
+    if not split:
+        return ids, None
     local = ids - start
     return local.clamp(0, v_local - 1), (local >= 0) & (local < v_local)
 
@@ -189,9 +193,11 @@ def vocab_gather(x: torch.Tensor, ids: torch.Tensor, tp_group: ProcessGroup) -> 
         ``[..., k]``, replicated.
     """
     v_local = x.shape[-1]
-    local, in_shard = shard_ids(ids, tp_rank(tp_group) * v_local, v_local)
+    local, in_shard = shard_ids(ids, tp_rank(tp_group) * v_local, v_local,
+                                tp_world_size(tp_group) > 1)
     picked = x.gather(-1, local)
-    picked = torch.where(in_shard, picked, torch.zeros_like(picked))
+    if in_shard is not None:
+        picked = torch.where(in_shard, picked, torch.zeros_like(picked))
     return all_reduce_sum(picked, tp_group)
 
 
