@@ -257,10 +257,10 @@ def build_files(data_dir: Path, out: Path, spec: Dict[str, Any], seed: int) -> D
 
 
 def build_judges(data_dir: Path, out: Path, files: Dict[str, str], seed: int) -> Dict[str, str]:
-    """Train the oracle and the evaluator once; returns their pickles' paths."""
+    """Train the oracle and the evaluator once; returns their files' paths (skops)."""
     from nemo_acft.oracles.sklearn_text import SklearnTextOracle, read_labelled
 
-    paths = {"oracle": str(out / "oracle.pkl"), "evaluator": str(out / "evaluator.pkl")}
+    paths = {"oracle": str(out / "oracle.skops"), "evaluator": str(out / "evaluator.skops")}
     if all(Path(p).is_file() for p in paths.values()):
         return paths
     tweets, tweet_labels = read_labelled(

@@ -21,6 +21,8 @@ NADO_KINDS = ("head", "separate")  # model.acft.nado_head.kind (nemo_acft.models
 ROLES = ("all", "prepare", "lm", "oracle", "finish")
 BASELINES = ("filtering", "rl", "nado_decoding")
 ORACLE_NAMES = ("lexicon", "sklearn_text", "detoxify", "hf_classifier")
+#: the schema: every key of acft-train's config with its default
+SCHEMA_FILE = Path(__file__).resolve().parent.parent / "conf" / "acft.yaml"
 
 
 def get(cfg: Dict[str, Any], dotted: str):
@@ -93,8 +95,13 @@ def validate(cfg: Dict[str, Any]) -> None:
 
     pos = lambda v: _is_int(v) and v >= 1  # noqa: E731
     nonneg = lambda v: _is_int(v) and v >= 0  # noqa: E731
+    check_keys(cfg)
     need("schedule", lambda v: v in SCHEDULES, f"one of {SCHEDULES}")
     need("role", lambda v: v in ROLES, f"one of {ROLES}")
+    if cfg["role"] in ("lm", "oracle"):
+        need("schedule", lambda v: v == "parallel",
+             f"parallel with role={cfg['role']} (the sides of the parallel schedule; the "
+             "sequential schedule runs in role=all or its phases prepare, finish)")
     need("run_dir", lambda v: isinstance(v, str) and v != "", "a directory")
     for key in ("trainer.devices", "model.acft.oracle_group.devices"):
         need(key, lambda v: v is None or pos(v),
@@ -147,11 +154,15 @@ def validate(cfg: Dict[str, Any]) -> None:
          lambda v: a["nado_head"]["kind"] != "separate" or v >= 1,
          "at least 1 with nado_head.kind=separate (the separate model's layers)")
     e = a["exchange"]
-    for key in ("timeout_s", "handshake_timeout_s", "heartbeat_s", "heartbeat_timeout_s"):
+    for key in ("timeout_s", "handshake_timeout_s", "heartbeat_s", "heartbeat_timeout_s",
+                "stuck_timeout_s", "collective_timeout_s"):
         need(f"model.acft.exchange.{key}", lambda v: _is_num(v) and v > 0, "a number > 0")
     if e["heartbeat_timeout_s"] < 3 * e["heartbeat_s"]:
         raise ValueError("config model.acft.exchange.heartbeat_timeout_s: expected at least 3 x "
                          "model.acft.exchange.heartbeat_s")
+    if e["stuck_timeout_s"] < e["heartbeat_timeout_s"]:
+        raise ValueError("config model.acft.exchange.stuck_timeout_s: expected at least "
+                         "model.acft.exchange.heartbeat_timeout_s")
     need("model.acft.sampling.temperature", lambda v: _is_num(v) and v > 0, "a number > 0")
     need("model.acft.sampling.top_k", nonneg, "a non-negative integer")
     need("model.acft.sampling.top_p", lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]")
@@ -162,9 +173,10 @@ def validate(cfg: Dict[str, Any]) -> None:
     if cfg["data"]["source"] == "files":
         for key in ("train_file", "heldout_file"):
             need(f"data.{key}", lambda v: bool(v) and Path(v).is_file(), "an existing file")
-        for key in ("pretrain_file", "prompts_file"):
-            need(f"data.{key}", lambda v: v is None or Path(v).is_file(),
-                 "null or an existing file")
+        need("data.pretrain_file", lambda v: v is None or Path(v).is_file(),
+             "null or an existing file")
+    need("data.prompts_file", lambda v: v is None or Path(v).is_file(),
+         "null or an existing file")
     lo, hi = cfg["data"]["prompt_words"]
     if not (_is_int(lo) and _is_int(hi) and 1 <= lo <= hi):
         raise ValueError(f"config data.prompt_words=[{lo}, {hi}]: expected 1 <= min <= max")
@@ -185,6 +197,56 @@ def validate(cfg: Dict[str, Any]) -> None:
          "an integer >= 2 (each sample's baseline is the mean reward of the others)")
     need("rl.max_new_tokens", pos, "a positive integer")
     _check_layouts(cfg)
+
+
+#: sections whose keys are not this schema's: NeMo's model, optimizer and scheduler keys, the
+#: oracle's own (checked by nemo_acft.oracles.check_oracle), and the per-domain λ mapping
+OPEN_SECTIONS = ("model.", "pretrain.model.", "pretrain.optim.", "oracle.",
+                 "model.acft.domain_lambdas.", "hydra.")
+#: sections of this schema inside an open one (model.acft is ours; its optimizers are NeMo's)
+OWN_SECTIONS = ("model.acft.",)
+OPEN_INSIDE_OWN = ("model.acft.domain_lambdas.", "model.acft.oracle_block.optim.")
+
+
+def _flat_keys(d: Dict[str, Any], prefix: str = "") -> List[str]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out += _flat_keys(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def schema_keys() -> List[str]:
+    """Every key of ``conf/acft.yaml`` (the schema: every key with its default), dotted."""
+    import yaml
+
+    return _flat_keys(yaml.safe_load(SCHEMA_FILE.read_text()))
+
+
+def _is_open(key: str) -> bool:
+    if key.startswith(OPEN_INSIDE_OWN):
+        return True
+    if key.startswith(OWN_SECTIONS):
+        return False
+    return key.startswith(OPEN_SECTIONS)
+
+
+def check_keys(cfg: Dict[str, Any]) -> None:
+    """Every key of ``cfg`` is a key of the schema (``conf/acft.yaml``) or inside a section
+    that is NeMo's or the oracle's (:data:`OPEN_SECTIONS`): a misspelled key, also one added
+    with ``+key=...``, is an error naming it and the closest keys."""
+    import difflib
+
+    known = set(schema_keys())
+    for key in _flat_keys(cfg):
+        if key in known or _is_open(key) or any(key.startswith(k + ".") for k in known):
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=2, cutoff=0.75)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise ValueError(f"config {key}: not a key of acft-train's config ({SCHEMA_FILE.name} "
+                         f"holds every key){hint}")
 
 
 def _check_optim(cfg, key: str) -> None:

@@ -1,6 +1,7 @@
-"""A tiny random Hugging Face Llama built offline (no download): a byte-level BPE tokenizer
-trained with ``tokenizers`` on a few sentences, and a ``LlamaForCausalLM`` of 2 layers with
-grouped-query attention, saved with ``save_pretrained``."""
+"""Tiny random Hugging Face models built offline (no download): a Llama (a byte-level BPE
+tokenizer trained with ``tokenizers`` on a few sentences, and a ``LlamaForCausalLM`` of 2 layers
+with grouped-query attention, saved with ``save_pretrained``) and a 1-layer BERT sequence
+classifier (the oracles' tests)."""
 
 from __future__ import annotations
 
@@ -67,3 +68,40 @@ def tiny_llama(out: Path, *, vocab: int = 1000, tied: bool = False, seed: int = 
                 p.add_(0.3 * torch.randn_like(p))
     model.save_pretrained(str(out))
     return out
+
+
+BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "you", "are", "a", "nice", "idiot",
+              "good", "day", "what", "stupid", "person"]
+
+
+def tiny_bert(folder, num_labels, id2label=None, problem_type=None, seed=0):
+    """A 1-layer BERT classifier with its config and tokenizer (a ``vocab.txt``: transformers
+    builds the fast tokenizer from it when loading) saved in ``folder``; the weights are the
+    caller's to save (``model.save_pretrained(folder)``)."""
+    import torch
+    import transformers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(BERT_WORDS) + "\n")
+    # positional vocab path: transformers 5 ignores vocab_file= as a keyword (CPU-STACK.md)
+    tokenizer = transformers.BertTokenizer(str(vocab))
+    config = transformers.BertConfig(
+        vocab_size=len(BERT_WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=32, num_labels=num_labels,
+        id2label=id2label or {i: f"LABEL_{i}" for i in range(num_labels)},
+        label2id={v: k for k, v in (id2label or {i: f"LABEL_{i}" for i in
+                                                 range(num_labels)}).items()},
+        problem_type=problem_type)
+    torch.manual_seed(seed)
+    model = transformers.BertForSequenceClassification(config).eval()
+    with torch.no_grad():  # let the [CLS] output depend on the words, not only on init noise
+        for name, p in model.named_parameters():
+            if "attention" in name and name.endswith("weight") and "LayerNorm" not in name:
+                p.normal_(0, 1.0)
+        model.bert.embeddings.word_embeddings.weight.normal_(0, 1.0)
+        model.bert.pooler.dense.weight.normal_(0, 1.0)
+        model.classifier.weight.normal_(0, 1.0)
+    config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model, tokenizer

@@ -28,21 +28,12 @@ FAST = [
 
 
 def compose(run_dir, cache, *overrides: str, config: str = "tiny_cpu") -> Dict:
-    """The resolved, checked config of ``acft-train run_dir=... cache_dir=... <FAST> <overrides>``."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
+    """The resolved, checked config of ``acft-train run_dir=... cache_dir=... <FAST> <overrides>``
+    (the entry point's own composition)."""
+    from nemo_acft.train import compose as train_compose
 
-    from nemo_acft.config import validate
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = hydra_compose(config_name=config, overrides=[f"run_dir={run_dir}",
-                                                           f"cache_dir={cache}", *FAST,
-                                                           *overrides])
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    plain.pop("hydra", None)
-    validate(plain)
-    return plain
+    return train_compose([f"run_dir={run_dir}", f"cache_dir={cache}", *FAST, *overrides],
+                         config)
 
 
 def drive(cfg: Dict) -> None:
@@ -61,3 +52,25 @@ def cli(run_dir, cache, *overrides: str, timeout: float = 600) -> subprocess.Com
                           text=True, timeout=timeout)
 
 
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A copy of a finished run directory under another path, its configs pointed at the new
+    place (``run_dir``, the log folder and the model's tokenizer path name the directory)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    for name in ("config.yaml", "model/config.yaml"):
+        p = Path(dst) / name
+        p.write_text(p.read_text().replace(str(src), str(dst)))
+    return Path(dst)
+
+
+#: the console script, as a user types it (pip install -e . puts it beside the interpreter)
+ACFT_CONVERT = str(Path(sys.executable).with_name("acft-convert"))
+
+
+def convert(*args) -> subprocess.CompletedProcess:
+    """``acft-convert`` itself, in a subprocess."""
+    return subprocess.run([ACFT_CONVERT, *map(str, args)], capture_output=True, text=True,
+                          timeout=600, cwd=REPO)

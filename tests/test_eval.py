@@ -118,13 +118,19 @@ def test_compare_table_and_plot(tmp_path):
 
 
 def _cli_worker(rank, world, argv):
-    """``acft-eval ARGV`` in a world of one forked process (the imports are the test's)."""
+    """``acft-eval ARGV`` in a world of one forked process (the imports are the test's): None,
+    or its exit code and its error line."""
+    import contextlib
+    import io
+
     from nemo_acft.cli.eval import main
 
+    err = io.StringIO()
     try:
-        main(argv)
+        with contextlib.redirect_stderr(err):
+            main(argv)
     except SystemExit as e:
-        return str(e.code)
+        return f"exit {e.code}: {err.getvalue().strip().splitlines()[-1]}"
     return None
 
 
@@ -180,11 +186,11 @@ def test_acft_eval_end_to_end(tmp_path):
                         "--out", str(tmp_path / "cmp")], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert len((tmp_path / "cmp" / "compare.md").read_text().splitlines()) == 7
-    assert "--iteration 7" in _acft_eval("--run-dir", str(run), "--iteration", "7", "--out",
-                                         str(tmp_path / "x"))
-    assert "holds no NADO head" in _acft_eval("--nemo", str(run / "export" / "acft_gpt.nemo"),
-                                              "--guided", "--prompts", str(prompts), "--out",
-                                              str(tmp_path / "y"))
+    assert "exit 2: error: --iteration 7" in _acft_eval("--run-dir", str(run), "--iteration",
+                                                        "7", "--out", str(tmp_path / "x"))
+    r = _acft_eval("--nemo", str(run / "export" / "acft_gpt.nemo"), "--guided", "--prompts",
+                   str(prompts), "--out", str(tmp_path / "y"))
+    assert r.startswith("exit 2: error: --guided: ") and "holds no NADO head" in r, r
 
 
 def test_ece_by_hand():

@@ -14,37 +14,9 @@ pytest.importorskip("detoxify")
 
 from nemo_acft.oracles import build_oracle  # noqa: E402
 
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "you", "are", "a", "nice", "idiot",
-         "good", "day", "what", "stupid", "person"]
+from tests.hf_utils import tiny_bert as _tiny_bert  # noqa: E402
+
 TEXTS = ["you are a nice person", "what a stupid idiot", "good day", "idiot"]
-
-
-def _tiny_bert(folder, num_labels, id2label=None, problem_type=None, seed=0):
-    """A 1-layer BERT classifier with its config and tokenizer saved in ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(WORDS) + "\n")
-    # positional vocab path: transformers 5 ignores vocab_file= as a keyword (CPU-STACK.md)
-    tokenizer = transformers.BertTokenizer(str(vocab))
-    config = transformers.BertConfig(
-        vocab_size=len(WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=32, num_labels=num_labels,
-        id2label=id2label or {i: f"LABEL_{i}" for i in range(num_labels)},
-        label2id={v: k for k, v in (id2label or {i: f"LABEL_{i}" for i in
-                                                 range(num_labels)}).items()},
-        problem_type=problem_type)
-    torch.manual_seed(seed)
-    model = transformers.BertForSequenceClassification(config).eval()
-    with torch.no_grad():  # let the [CLS] output depend on the words, not only on init noise
-        for name, p in model.named_parameters():
-            if "attention" in name and name.endswith("weight") and "LayerNorm" not in name:
-                p.normal_(0, 1.0)
-        model.bert.embeddings.word_embeddings.weight.normal_(0, 1.0)
-        model.bert.pooler.dense.weight.normal_(0, 1.0)
-        model.classifier.weight.normal_(0, 1.0)
-    config.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return model, tokenizer
 
 
 def _reference_logits(model, tokenizer, texts):

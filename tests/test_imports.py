@@ -9,7 +9,8 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "nemo_acft"
 
-#: what each part may import (besides itself and the shared leaves ``io_utils``/``config``)
+#: what each part may import (besides itself and the shared leaves: ``io_utils``, ``config``,
+#: ``errors``, ``runlock``, ``progress``, ``quiet``, ``world``)
 ALLOWED = {
     "nado": set(),
     "models": {"nado", "cpu_compat"},
@@ -21,10 +22,12 @@ ALLOWED = {
     "cpu_compat": set(),
     "io_utils": set(),
     "config": set(),
+    "errors": set(), "runlock": {"errors", "io_utils"}, "progress": set(), "quiet": set(),
+    "world": set(),
     # entry points: anything
     "train": None, "launch": None, "cli": None,
 }
-LEAVES = {"io_utils", "config"}
+LEAVES = {"io_utils", "config", "errors", "runlock", "progress", "quiet", "world"}
 
 
 def _part(path: Path) -> str:

@@ -135,9 +135,9 @@ def test_hetjob_runs_the_parallel_schedule_in_two_components(cluster, tmp_path):
                             sbatch_args=[f"--output={tmp_path / 'eval.out'}"])
     _job_id(q)
     assert q.wait(600) == 0, (tmp_path / "eval.out").read_text()[-3000:]
-    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    metrics = json.loads((eval_dir / "eval" / "metrics.json").read_text())
     assert metrics["method"] == "acft" and metrics["num_samples"] + metrics["num_failed"] == 4
-    assert len((eval_dir / "samples.jsonl").read_text().splitlines()) == 4
+    assert len((eval_dir / "eval" / "samples.jsonl").read_text().splitlines()) == 4
     # and out to Hugging Face
     hf_out = tmp_path / "hf" / "llama-acft"
     subprocess.run([convert, "nemo-to-hf", "--nemo", str(nemo), "--out", str(hf_out)],

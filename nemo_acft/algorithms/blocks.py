@@ -21,8 +21,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from nemo_acft import progress
 from nemo_acft.algorithms.coordination import StopRequested, stop_agreed
-from nemo_acft.algorithms.exchange import ArtifactStore
+from nemo_acft.algorithms.exchange import ArtifactStore, save_tensors
 from nemo_acft.data import LMDataset, batch_indices
 from nemo_acft.models.objectives import Regularizer
 from nemo_acft.models.generate import SamplingParams
@@ -159,11 +160,12 @@ def publish_reference_q(run, k: int, store: ArtifactStore, nado_it: int,
 
             def write(tmp, q=q, idx=idx):
                 if run.rank0:
-                    torch.save({"rows": idx, **q}, tmp / "q.pt")
+                    save_tensors(tmp / "q.safetensors", {"rows": idx, **q})
             store.publish("q", t + 1, write,
                           {"block": k, "step": t + 1, "top_k": top_k,
                            "based_on": {"lm": ri, "nado": nado_it}, "read": read})
             bar.update(1)
+        progress.tick(f"q for LM block {k} up to step {these[-1] + 1}")
         if stop_agreed():
             raise StopRequested(f"q for LM block {k} goes on after step {these[-1] + 1} on "
                                 f"resume")
@@ -185,7 +187,7 @@ def _shipped_q(run, store: ArtifactStore, step: int, idx: torch.Tensor,
                                     f"{store.path('q', step + 1)} does not exist")
         wait_for(store, "q", step + 1, run.acft["exchange"]["timeout_s"], "the oracle side",
                  alive)
-    d = store.load("q", step + 1, "q.pt")
+    d = store.load("q", step + 1, "q.safetensors")
     if not torch.equal(d["rows"], idx):
         raise ValueError(f"{store.path('q', step + 1)}: q of other rows than LM step "
                          f"{step + 1}'s (a different seed, data or batch size)")
@@ -193,10 +195,10 @@ def _shipped_q(run, store: ArtifactStore, step: int, idx: torch.Tensor,
 
 
 def _samples(store: ArtifactStore, iteration: int):
-    """The labelled samples an oracle block published beside its φ."""
+    """The labelled samples an oracle block published beside its φ (checked)."""
     from nemo_acft.models.generate import Samples
 
-    d = torch.load(store.verify("nado", iteration) / "samples.pt", weights_only=True)
+    d = store.load("nado", iteration, "samples.safetensors")
     return Samples(tokens=d["tokens"], prompt_lengths=d["prompt_lengths"], lengths=d["lengths"],
                    logprobs=d["logprobs"]), d["labels"]
 
@@ -246,12 +248,17 @@ def lm_block(run, method: str, k: int, store: ArtifactStore, data: LMDataset, *,
     m.configure_training("trunk", cfg["model"]["optim"], max_steps=K * S)
     ckpts = ArtifactStore(run.run_dir / "checkpoints" / method)
     ckpts.clean_temporaries("lm")
+    store.clean_temporaries("lm")  # this block's world is the only writer of store's θ
     start, end = (k - 1) * S, k * S
     nado_it = None if nado is None else nado[1]
     resumable = [t for t in ckpts.iterations("lm") if start < t < end
                  and ckpts.manifest("lm", t).get("nado_iteration") == nado_it]
+    sums: Dict[str, float] = {}
     if resumable:
         src_store, src_it, start = ckpts, resumable[-1], resumable[-1]
+        # the block's metrics so far, summed in step order: the resumed block's means are an
+        # uninterrupted block's, bit for bit
+        sums = dict(ckpts.manifest("lm", src_it).get("metric_sums", {}))
         log.info("[%s] %s LM block %d: resuming from the checkpoint at step %d", run.side,
                  method, k, start)
     else:
@@ -275,8 +282,8 @@ def lm_block(run, method: str, k: int, store: ArtifactStore, data: LMDataset, *,
     mbs = cfg["model"]["micro_batch_size"]
     save_every = a["save_every"]
     bar = run.bar(end - start, f"[{run.side}] {method} {k}/{K}")
-    sums: Dict[str, float] = {}
     t0 = time.perf_counter()
+    first = (k - 1) * S
     for step in range(start, end):
         idx, batch = _lm_batch(run, data, step)
         if shipped:
@@ -295,16 +302,18 @@ def lm_block(run, method: str, k: int, store: ArtifactStore, data: LMDataset, *,
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
         done = step + 1
+        progress.tick(f"{method} LM block {k} step {done}")
         stop = done < end and stop_agreed()
         if (save_every and done % save_every == 0 and done < end) or stop:
             ckpts.publish("lm", done, _write_part(run, "trunk", with_optimizer=True),
                           {"block": k, "global_step": done, "nado_iteration": nado_it,
-                           "with_optimizer": True, "layout": m.layout()})
+                           "with_optimizer": True, "layout": m.layout(),
+                           "metric_sums": sums})
             ckpts.prune("lm", keep=2)
         if stop:
             raise StopRequested(f"checkpoint at step {done} in {ckpts.path('lm', done)}")
     bar.close()
-    n = max(end - start, 1)
+    n = max(end - first, 1)
     means = {key: v / n for key, v in sums.items()}
     store.publish("lm", k, _write_part(run, "trunk", with_optimizer=True),
                   {"based_on": {"lm": k - 1, "nado": nado_it}, "global_step": end,
@@ -354,6 +363,7 @@ def oracle_block(run, k: int, store: ArtifactStore, lm: Tuple[ArtifactStore, int
         metrics = m.nado_step(batch, alpha=a["alpha"], micro_batch_size=ob["micro_batch_size"])
         run.scalars("nado", metrics, (k - 1) * ob["steps"] + step + 1)
         bar.update(1)
+        progress.tick(f"oracle block {k} NADO step {step + 1}")
         if step >= ob["steps"] - max(ob["steps"] // 10, 1):
             tail.append(metrics)
         if stop_agreed():
@@ -375,9 +385,10 @@ def oracle_block(run, k: int, store: ArtifactStore, lm: Tuple[ArtifactStore, int
     def write(tmp):
         m.save_part(tmp / "head", "head")
         if run.rank0:
-            torch.save({"tokens": samples.tokens, "prompt_lengths": samples.prompt_lengths,
-                        "lengths": samples.lengths, "logprobs": samples.logprobs,
-                        "labels": labels}, tmp / "samples.pt")
+            save_tensors(tmp / "samples.safetensors",
+                         {"tokens": samples.tokens, "prompt_lengths": samples.prompt_lengths,
+                          "lengths": samples.lengths, "logprobs": samples.logprobs,
+                          "labels": labels})
             rows = [json.dumps({"text": t, "score": sc, "label": lb, "prompt_length": int(pl),
                                 "length": int(ln)})
                     for t, sc, lb, pl, ln in zip(labelled.texts, labelled.scores, labelled.labels,

@@ -22,10 +22,11 @@ from typing import Any, Dict, List, Optional
 import torch.distributed as dist
 
 from nemo_acft import config as schema
+from nemo_acft import progress
 from nemo_acft.algorithms.baselines import RLTerm, filter_by_oracle, train_nado_decoding
 from nemo_acft.algorithms.blocks import lm_block, log_block
 from nemo_acft.algorithms.coordination import side_lock
-from nemo_acft.algorithms.exchange import ArtifactStore
+from nemo_acft.algorithms.exchange import MANIFEST, ArtifactStore, DamagedArtifact, broadcast
 from nemo_acft.algorithms.setup import Run, model_dir
 from nemo_acft.io_utils import atomic_write, save_figure
 
@@ -59,6 +60,7 @@ def pretrain(run: Run, path: str) -> None:
         metrics = m.lm_step(batch, micro_batch_size=run.cfg["model"]["micro_batch_size"])
         run.scalars("pretrain", metrics, step + 1)
         bar.update(1)
+        progress.tick(f"pretrain step {step + 1}")
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
     bar.close()
     log.info("pre-training done: last loss %.3f", metrics.get("loss", math.nan))
@@ -112,7 +114,7 @@ def prepare(cfg: Dict[str, Any]) -> None:
     restore = info.get("restore_from_path")
     if builtin and Path(builtin).is_file():
         restore = builtin
-    run = Run(cfg, "prepare", schema.lm_layout(cfg), restore_from=restore)
+    run = Run(cfg, "prepare", schema.lm_layout(cfg), restore_from=restore, watch=True)
     log.info("run_dir %s, schedule %s, K=%d iterations of %d LM steps; vocabulary %d, "
              "%d fine-tune records, %d held-out prompts; LM group %s, oracle group %s",
              run.run_dir, cfg["schedule"], run.K, run.S, run.tokenizer.vocab_size,
@@ -134,7 +136,7 @@ def sequential(cfg: Dict[str, Any]) -> None:
     """ACFT under the sequential schedule, in the LM group's world."""
     from nemo_acft.algorithms.schedules import run_sequential
 
-    run = Run(cfg, "acft", schema.lm_layout(cfg))
+    run = Run(cfg, "acft", schema.lm_layout(cfg), watch=True)
     with side_lock(run.exchange, "lm"), side_lock(run.exchange, "oracle"):
         run_sequential(run)
     run.close()
@@ -145,7 +147,7 @@ def side(cfg: Dict[str, Any], name: str) -> None:
     from nemo_acft.algorithms.schedules import run_side
 
     layout = schema.lm_layout(cfg) if name == "lm" else schema.oracle_layout(cfg)
-    run = Run(cfg, name, layout)
+    run = Run(cfg, name, layout, watch=True)
     try:
         run_side(run, name)
     finally:
@@ -153,6 +155,31 @@ def side(cfg: Dict[str, Any], name: str) -> None:
 
 
 # --- finish -------------------------------------------------------------------------------
+
+
+def eval_store(run: Run) -> ArtifactStore:
+    """``run_dir/eval``: one artifact per evaluated iteration (``<label>/iter_<k>/result.json``
+    with its manifest), so that a result read back is checked like θ and φ."""
+    return ArtifactStore(run.run_dir / "eval")
+
+
+def read_result(store: ArtifactStore, label: str, k: int) -> Dict[str, Any]:
+    """An evaluation result, checked against its manifest's digest."""
+    p = store.check_file(label, k, "result.json")
+    try:
+        return json.loads(p.read_text())
+    except ValueError as e:
+        raise DamagedArtifact(f"{p}: not JSON ({e}); delete {p.parent} and rerun the same "
+                              "command to recompute it") from None
+
+
+def publish_result(store: ArtifactStore, label: str, k: int, row: Dict[str, Any],
+                   rank0: bool) -> None:
+    """Collective: publish ``row`` as ``<label>`` iteration ``k``."""
+    def write(tmp):
+        if rank0:
+            (tmp / "result.json").write_text(json.dumps(row, indent=1))
+    store.publish(label, k, write, {"label": label})
 
 
 def evaluate_iterations(run: Run, store: ArtifactStore, label: str,
@@ -170,11 +197,12 @@ def evaluate_iterations(run: Run, store: ArtifactStore, label: str,
     cfg, e = run.cfg, run.cfg["eval"]
     guided = nado_store is not None
     beta = float(cfg["nado_decoding"]["guidance"]) if guided else None
+    cache = eval_store(run)
+    cache.clean_temporaries(label)
     rows = []
     for k in range(run.K + 1):
-        cache = run.run_dir / "eval" / f"{label}_iter_{k}.json"
-        if cache.is_file():
-            rows.append(json.loads(cache.read_text()))
+        if cache.exists(label, k):
+            rows.append(read_result(cache, label, k))
             continue
         if guided:
             run.model.load_part(fixed_lm.verify("lm", run.K) / "trunk", "trunk")
@@ -194,9 +222,7 @@ def evaluate_iterations(run: Run, store: ArtifactStore, label: str,
                **diversity(v["continuations"]),
                "num_scored": v["num_scored"], "num_failed": v["num_failed"],
                "examples": v["texts"][:6]}
-        if run.rank0:
-            with atomic_write(cache) as fh:
-                json.dump(row, fh, indent=1)
+        publish_result(cache, label, k, row, run.rank0)
         run.scalars(f"eval/{label}", {x: row[x] for x in ("violation_rate", "ppl",
                                                           "distinct_2", "repeat_rate")}, k)
         rows.append(row)
@@ -217,10 +243,11 @@ def diagnose_iterations(run: Run) -> List[Dict[str, Any]]:
         return []
     ex, rows = run.exchange, []
     probe = run.data.eval_prompts[:n]
+    cache = eval_store(run)
+    cache.clean_temporaries("diagnostics")
     for k in range(1, run.K + 1):
-        cache = run.run_dir / "eval" / f"diagnostics_iter_{k}.json"
-        if cache.is_file():
-            rows.append(json.loads(cache.read_text()))
+        if cache.exists("diagnostics", k):
+            rows.append(read_result(cache, "diagnostics", k))
             continue
         j = nado_for(run.cfg["schedule"], k)
         head = ex.verify("nado", j) / "head"
@@ -233,9 +260,7 @@ def diagnose_iterations(run: Run) -> List[Dict[str, Any]]:
         block = ex.manifest("lm", k).get("metrics", {})
         row.update({x: block[x] for x in ("gated_share", "kl", "samples_kl", "samples_gated_share")
                     if x in block})
-        if run.rank0:
-            with atomic_write(cache) as fh:
-                json.dump(row, fh, indent=1)
+        publish_result(cache, "diagnostics", k, row, run.rank0)
         run.scalars("diagnostics", {x: v for x, v in row.items() if isinstance(v, float)}, k)
         rows.append(row)
     if run.rank0:
@@ -269,19 +294,55 @@ def plot_iterations(path: Path, curves: Dict[str, List[Dict]]) -> None:
 
 def export(run: Run) -> Dict[str, str]:
     """θ_K (and φ_K) of ACFT as ``export/acft_gpt.nemo`` (stock ``MegatronGPTModel``) and
-    ``export/acft_with_head.nemo`` (``MegatronGPTACFTModel``)."""
+    ``export/acft_with_head.nemo`` (``MegatronGPTACFTModel``), with ``export/manifest.json``
+    (each file's size and digest). Files that exist are checked against it, not rewritten."""
+    from nemo_acft.algorithms.exchange import DIGEST, file_digest
     from nemo_acft.models.export import export_plain_gpt, export_with_head
 
     out = run.run_dir / "export"
     paths = {"plain": out / "acft_gpt.nemo", "with_head": out / "acft_with_head.nemo"}
-    if not all(p.is_file() for p in paths.values()):
+    intact = broadcast(_export_intact(out, paths) if run.rank0 else None)
+    if isinstance(intact, str):
+        raise DamagedArtifact(intact)
+    if not intact:
         run.model.load_part(run.exchange.verify("lm", run.K) / "trunk", "trunk")
         run.model.load_part(run.exchange.verify("nado", run.K) / "head", "head")
         export_with_head(run.model, paths["with_head"])
         export_plain_gpt(run.model, paths["plain"])
+        if run.rank0:
+            files = {p.name: {"bytes": p.stat().st_size, DIGEST: file_digest(p)}
+                     for p in paths.values()}
+            with atomic_write(out / MANIFEST) as fh:
+                json.dump({"files": files, "based_on": {"lm": run.K, "nado": run.K}}, fh,
+                          indent=1)
+        _barrier()
         log.info("wrote %s (stock MegatronGPTModel) and %s (with the NADO head)",
                  paths["plain"], paths["with_head"])
     return {k: str(v) for k, v in paths.items()}
+
+
+def _export_intact(out: Path, paths: Dict[str, Path]):
+    """Rank 0: True when the exported files match ``export/manifest.json``; False when there
+    is nothing complete to check (they are written); the error message when one does not."""
+    from nemo_acft.algorithms.exchange import DIGEST, file_digest
+
+    man_path = out / MANIFEST
+    if not man_path.is_file() or not all(p.is_file() for p in paths.values()):
+        return False
+    hint = f"delete {out} and rerun the same command to recompute it"
+    try:
+        files = json.loads(man_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{man_path}: a damaged manifest ({' '.join(str(e).split())}); {hint}"
+    for p in paths.values():
+        meta = files.get(p.name)
+        if meta is None:
+            return f"{p}: not in {man_path}; {hint}"
+        found = file_digest(p)
+        if p.stat().st_size != meta["bytes"] or found != meta[DIGEST]:
+            return (f"{p} does not match its manifest ({DIGEST} {found}, {man_path} says "
+                    f"{meta[DIGEST]}): the file is damaged; {hint}")
+    return True
 
 
 def _ratio(a: float, b: float) -> float:
@@ -293,7 +354,7 @@ def finish(cfg: Dict[str, Any]) -> Dict[str, Any]:
     ACFT and the baselines, the summary, the plot and the ``.nemo`` files; in the oracle
     group's layout. Needs every training to be complete (a clear error names what is missing).
     """
-    run = Run(cfg, "finish", schema.oracle_layout(cfg))
+    run = Run(cfg, "finish", schema.oracle_layout(cfg), watch=True)
     rd = run.run_dir
     baseline = ArtifactStore(rd / "baseline")
     stores = {"baseline": baseline, "acft": run.exchange}
@@ -384,8 +445,19 @@ def _print_table(base: List[Dict], acft: List[Dict]) -> None:
                  a["distinct_2"])
 
 
-PHASES = {"prepare": prepare, "sequential": sequential, "lm": lambda c: side(c, "lm"),
-          "oracle": lambda c: side(c, "oracle"), "finish": finish}
+def lm_side(cfg: Dict[str, Any]) -> None:
+    """The LM side of the parallel schedule (:func:`side`)."""
+    side(cfg, "lm")
+
+
+def oracle_side(cfg: Dict[str, Any]) -> None:
+    """The oracle side of the parallel schedule (:func:`side`)."""
+    side(cfg, "oracle")
+
+
+#: each phase's function (module-level functions: a fork server's processes unpickle them)
+PHASES = {"prepare": prepare, "sequential": sequential, "lm": lm_side, "oracle": oracle_side,
+          "finish": finish}
 
 __all__ = ["PHASES", "prepare", "sequential", "side", "finish", "evaluate_iterations",
            "plot_iterations", "run_baseline", "pretrain", "export"]

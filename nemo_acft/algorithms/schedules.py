@@ -101,6 +101,8 @@ def run_side(run, side: str) -> None:
         beat = Heartbeat(ex, side, every_s=x["heartbeat_s"], pids=pids,
                          layout=run.model.layout(), slurm_job=os.environ.get("SLURM_JOB_ID"),
                          slurm_node=os.environ.get("SLURMD_NODENAME"))
+        if run.watchdog is not None:  # a stuck or stopped rank ends the side as failed
+            run.watchdog.heartbeat = beat
         try:
             handshake(ex, side, other, x["handshake_timeout_s"])
             _lm_side(run) if side == "lm" else _oracle_side(run)

@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -27,7 +28,7 @@ from omegaconf import OmegaConf
 
 from nemo_acft import config as schema
 from nemo_acft.config import Layout
-from nemo_acft.io_utils import atomic_write
+from nemo_acft.io_utils import atomic_write, rank_log, replace_dir, tmp_name
 
 log = logging.getLogger("nemo_acft")
 
@@ -39,6 +40,9 @@ FRESH_MODEL = {
     "transformer_engine": True, "use_cpu_initialization": False,
     "data": {"data_impl": "mock", "data_prefix": [], "num_workers": 0},
 }
+#: the watchdog's and the collectives' bounds (``model.acft.exchange``) for an earlier run's
+#: config that does not name them
+STUCK_DEFAULTS = {"stuck_timeout_s": 900, "collective_timeout_s": 1800}
 #: keys of the run's ``model`` section that are not MegatronGPTModel keys
 RUN_KEYS = ("restore_from_path",)
 
@@ -59,7 +63,7 @@ def builtin_keys(cfg: Dict[str, Any]) -> Dict[str, str]:
     """Cache keys of the built-in tokenizer and tiny GPT (``cache_dir``): they depend on the data
     (the files' contents, xxh3-128, not their paths or times), the seed and the ``pretrain``
     section only, so every run of the same corpus shares them, wherever its files were written."""
-    from nemo_acft.algorithms.exchange import _digest as file_digest
+    from nemo_acft.algorithms.exchange import file_digest
 
     d = cfg["data"]
     files = {k: file_digest(Path(v)) for k, v in d.items() if k.endswith("_file") and v}
@@ -75,7 +79,7 @@ def builtin_keys(cfg: Dict[str, Any]) -> Dict[str, str]:
 
 def _extract_tokenizer(nemo_path: str, tokenizer_cfg, tmp: Path, out: Path):
     """Copy the tokenizer files a ``.nemo`` carries (``nemo:`` paths of its config) into ``tmp``
-    (renamed to ``out`` later); returns the tokenizer config pointing at ``out`` and the map
+    (copied to ``out`` later); returns the tokenizer config pointing at ``out`` and the map
     final path -> where the file is now."""
     tok = OmegaConf.to_container(tokenizer_cfg, resolve=True)
     wanted = {k: v[len("nemo:"):] for k, v in tok.items()
@@ -95,62 +99,96 @@ def _extract_tokenizer(nemo_path: str, tokenizer_cfg, tmp: Path, out: Path):
     return tok, files
 
 
-def resolve_model_config(cfg: Dict[str, Any]):
-    """Write ``run_dir/model/`` once (``config.yaml``, ``info.json`` and the tokenizer files)
-    and return ``(model config, info)``; ``info["vocab_size"]`` is the tokenizer's vocabulary.
-    Not collective: the driver (or prepare's rank 0) calls it. The architecture is checked
-    against both groups' layouts (:func:`nemo_acft.config.check_model`) before anything is
-    renamed into place: a config that cannot run leaves no ``model/`` behind."""
+class StagedModelConfig:
+    """A run's model config resolved (the checkpoint's or the built-in config with the run's
+    ``model`` section on top) and checked against both groups' layouts
+    (:func:`nemo_acft.config.check_model`), its tokenizer files in a temporary folder outside
+    the run directory until :meth:`write` puts it in place as ``run_dir/model/``."""
+
+    def __init__(self, cfg: Dict[str, Any]):
+        from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import (
+            MegatronGPTModel)
+
+        self.out = model_dir(cfg)
+        self._dir = tempfile.TemporaryDirectory(prefix="acft-model-")
+        stage = Path(self._dir.name)
+        user = {k: v for k, v in cfg["model"].items() if k not in RUN_KEYS}
+        try:
+            restore = cfg["model"]["restore_from_path"]
+            if restore:
+                base = MegatronGPTModel.restore_from(restore, return_config=True)
+                OmegaConf.set_struct(base, False)
+                tok, files = _extract_tokenizer(restore, base.tokenizer, stage, self.out)
+                base = OmegaConf.merge(base, {"tokenizer": tok})
+                source = {"restore_from_path": str(restore)}
+            else:
+                from nemo_acft.data import sentencepiece_config
+
+                keys = builtin_keys(cfg)
+                ensure_builtin_tokenizer(cfg, keys["tokenizer"])
+                shutil.copyfile(keys["tokenizer"], stage / "tokenizer.model")
+                files = {str(self.out / "tokenizer.model"): str(stage / "tokenizer.model")}
+                base = OmegaConf.create({**FRESH_MODEL, **cfg["pretrain"]["model"],
+                                         "max_position_embeddings":
+                                             cfg["pretrain"]["model"]["encoder_seq_length"],
+                                         "seed": cfg["seed"],
+                                         "tokenizer": sentencepiece_config(
+                                             self.out / "tokenizer.model")})
+                source = {"builtin": keys["gpt"]}
+            self.model_cfg = OmegaConf.merge(base, user)
+            self.info = {"vocab_size": _vocab_size(self.model_cfg, files), **source}
+            schema.check_model(OmegaConf.to_container(self.model_cfg, resolve=True),
+                               self.info["vocab_size"],
+                               [schema.lm_layout(cfg), schema.oracle_layout(cfg)])
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def write(self, replace: bool = False) -> None:
+        """``run_dir/model/`` (``config.yaml``, ``info.json``, the tokenizer files), under a
+        temporary name and renamed; an existing one is kept (another process finished first)
+        unless ``replace``."""
+        stage = Path(self._dir.name)
+        (stage / "info.json").write_text(json.dumps(self.info, indent=1))
+        (stage / "config.yaml").write_text(OmegaConf.to_yaml(self.model_cfg))
+        tmp = tmp_name(self.out)
+        try:
+            shutil.copytree(stage, tmp)
+            if replace:
+                replace_dir(tmp, self.out)
+            elif self.out.exists():
+                shutil.rmtree(tmp)
+            else:
+                os.rename(tmp, self.out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            self.cleanup()
+
+    def cleanup(self) -> None:  # noqa: D102
+        self._dir.cleanup()
+
+
+def resolve_model_config(cfg: Dict[str, Any], write: bool = True):
+    """``(model config, info)`` of the run (``info["vocab_size"]`` is the tokenizer's
+    vocabulary): ``run_dir/model/`` when it exists (checked against both layouts), else
+    resolved (:class:`StagedModelConfig`) and, with ``write``, written there; without,
+    nothing is written into the run directory. Not collective: the driver (or prepare's rank
+    0) calls it."""
     out = model_dir(cfg)
     path = out / "config.yaml"
-    layouts = [schema.lm_layout(cfg), schema.oracle_layout(cfg)]
-    if path.is_file():
-        model_cfg = OmegaConf.load(path)
-        info = json.loads((out / "info.json").read_text())
-        schema.check_model(OmegaConf.to_container(model_cfg, resolve=True), info["vocab_size"],
-                           layouts)
-        return model_cfg, info
-    from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import MegatronGPTModel
-
-    user = {k: v for k, v in cfg["model"].items() if k not in RUN_KEYS}
-    tmp = out.with_name(f".model.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        restore = cfg["model"]["restore_from_path"]
-        if restore:
-            base = MegatronGPTModel.restore_from(restore, return_config=True)
-            OmegaConf.set_struct(base, False)
-            tok, files = _extract_tokenizer(restore, base.tokenizer, tmp, out)
-            base = OmegaConf.merge(base, {"tokenizer": tok})
-            source = {"restore_from_path": str(restore)}
-        else:
-            from nemo_acft.data import sentencepiece_config
-
-            keys = builtin_keys(cfg)
-            ensure_builtin_tokenizer(cfg, keys["tokenizer"])
-            shutil.copyfile(keys["tokenizer"], tmp / "tokenizer.model")
-            files = {str(out / "tokenizer.model"): str(tmp / "tokenizer.model")}
-            base = OmegaConf.create({**FRESH_MODEL, **cfg["pretrain"]["model"],
-                                     "max_position_embeddings":
-                                         cfg["pretrain"]["model"]["encoder_seq_length"],
-                                     "seed": cfg["seed"],
-                                     "tokenizer": sentencepiece_config(out / "tokenizer.model")})
-            source = {"builtin": keys["gpt"]}
-        model_cfg = OmegaConf.merge(base, user)
-        info = {"vocab_size": _vocab_size(model_cfg, files), **source}
-        schema.check_model(OmegaConf.to_container(model_cfg, resolve=True), info["vocab_size"],
-                           layouts)
-        (tmp / "info.json").write_text(json.dumps(info, indent=1))
-        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(model_cfg))
-        if out.exists():  # another process finished first: keep theirs
-            shutil.rmtree(tmp)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return OmegaConf.load(path), json.loads((out / "info.json").read_text())
+    if not path.is_file():
+        staged = StagedModelConfig(cfg)
+        if not write:
+            staged.cleanup()
+            return staged.model_cfg, staged.info
+        staged.write()
+    model_cfg = OmegaConf.load(path)
+    info = json.loads((out / "info.json").read_text())
+    schema.check_model(OmegaConf.to_container(model_cfg, resolve=True), info["vocab_size"],
+                       [schema.lm_layout(cfg), schema.oracle_layout(cfg)])
+    return model_cfg, info
 
 
 def _vocab_size(model_cfg, files: Dict[str, str]) -> int:
@@ -267,10 +305,12 @@ class Run:
         layout: the world's layout (:func:`nemo_acft.config.lm_layout` or ``oracle_layout``).
         restore_from: build the model from this ``.nemo`` (NeMo's restore, resharded) instead
             of fresh from ``run_dir/model/config.yaml``.
+        watch: run the :class:`~nemo_acft.algorithms.coordination.Watchdog` (the phases of a
+            run do; a tool that only reads a run does not).
     """
 
     def __init__(self, cfg: Dict[str, Any], side: str, layout: Layout,
-                 restore_from: Optional[str] = None):
+                 restore_from: Optional[str] = None, watch: bool = False):
         from nemo_acft.algorithms.exchange import ArtifactStore
         from nemo_acft.data import TextTokenizer, build_data
         from nemo_acft.models.build import build_model
@@ -288,15 +328,25 @@ class Run:
             raise RuntimeError(f"{path} is missing: run role=prepare first (it resolves the "
                                "model config and writes θ_0)")
         self.model_cfg = OmegaConf.load(path)
+        x = dict(STUCK_DEFAULTS, **self.acft["exchange"])  # a run of an earlier version lacks them
         self.model = build_model(self.model_cfg, tp=layout.tp, pp=layout.pp,
                                  trainer_cfg=trainer_config(cfg, layout), seed=self.seed,
-                                 restore_from=restore_from)
+                                 restore_from=restore_from,
+                                 timeout_s=x["collective_timeout_s"])
         self.tokenizer = TextTokenizer(self.model.tokenizer)
         self.seq_length = int(self.model_cfg.encoder_seq_length)
         self.data = build_data(cfg["data"], cfg["eval"], self.tokenizer, self.seq_length,
                                self.seed)
         self._oracle = None
         self._tb = None
+        self.watchdog = None
+        if watch:
+            from nemo_acft.algorithms.coordination import Watchdog, world_pids
+
+            self.watchdog = Watchdog(self.exchange, side, every_s=x["heartbeat_s"],
+                                     dead_s=x["heartbeat_timeout_s"],
+                                     stuck_s=x["stuck_timeout_s"], pids=world_pids(),
+                                     log_file=rank_log(self.run_dir / "logs", side, _rank()))
 
     @property
     def rank0(self) -> bool:  # noqa: D102
@@ -334,6 +384,8 @@ class Run:
     def close(self) -> None:  # noqa: D102
         if self._tb is not None:
             self._tb.close()
+        if self.watchdog is not None:
+            self.watchdog.stop()
 
 
 #: config keys that may change between a run and its resumption
@@ -350,22 +402,41 @@ def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-def check_run_config(cfg: Dict[str, Any]) -> None:
-    """If the run directory already holds a config different from ``cfg``, raise a ValueError
-    naming the keys that differ (a rerun must be the same run to resume it)."""
+def computed_anything(run_dir: Path) -> bool:
+    """Whether a run directory holds any artifact (θ_0, a checkpoint, a baseline's θ_k)."""
+    return any(Path(run_dir).glob("**/iter_*/manifest.json"))
+
+
+def check_run_config(cfg: Dict[str, Any], allow_replace: bool = True) -> bool:
+    """If the run directory already holds a config different from ``cfg`` (volatile keys
+    aside): True when nothing was computed with it yet (the new config replaces it: a run whose
+    first attempt failed before its first artifact), else a ValueError naming the keys that
+    differ (a rerun must be the same run to resume it). False when there is nothing to
+    replace."""
     import yaml
 
     run_dir = Path(cfg["run_dir"])
     path = run_dir / "config.yaml"
-    if path.is_file():
-        old, new = _flatten(yaml.safe_load(path.read_text())), _flatten(cfg)
-        diff = sorted(k for k in set(old) | set(new)
-                      if old.get(k) != new.get(k) and not k.startswith(VOLATILE))
-        if diff:
-            raise ValueError(
-                f"run_dir {run_dir} holds a run with a different config (keys: "
-                f"{', '.join(diff[:8])}); rerun with the same config to resume, or choose "
-                "another run_dir")
+    if not path.is_file():
+        return False
+    try:
+        old = _flatten(yaml.safe_load(path.read_text()) or {})
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not a readable config ({' '.join(str(e).split())[:120]}); "
+                         "restore it or choose another run_dir") from None
+    new = _flatten(cfg)
+    diff = sorted(k for k in set(old) | set(new)
+                  if old.get(k) != new.get(k) and not k.startswith(VOLATILE))
+    if not diff:
+        return False
+    if allow_replace and not computed_anything(run_dir):
+        log.warning("run_dir %s: its config differs in %s and nothing was computed with it: "
+                    "replaced by this run's", run_dir, ", ".join(diff[:8]))
+        return True
+    raise ValueError(
+        f"run_dir {run_dir} holds a run with a different config (keys: "
+        f"{', '.join(diff[:8])}); rerun with the same config to resume, or choose "
+        "another run_dir")
 
 
 def write_run_config(cfg: Dict[str, Any]) -> Path:

@@ -9,16 +9,20 @@ will be trained at (heads, KV groups and FFN width are checked against it, the v
 padded for it). ``nemo-to-hf`` takes any GPT or ACFT ``.nemo`` of that architecture (a run's
 ``export/acft_gpt.nemo``) and writes a folder ``AutoModelForCausalLM.from_pretrained`` loads.
 Both run in one process (no GPU needed) and write to a temporary name, renamed when complete;
-bad input is a one-line error before anything is written. The mapping: :mod:`nemo_acft.models.hf_convert`.
+an existing output is refused unless ``--overwrite`` (then replaced whole, at the end); bad
+input is a one-line ``error: ...`` (exit 2) before anything is written. The mapping: :mod:`nemo_acft.models.hf_convert`.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+
+from nemo_acft.errors import InputError, entry_point
 
 
+@entry_point
 def main(argv=None) -> None:
+    """``acft-convert hf-to-nemo|nemo-to-hf ...``"""
     parser = argparse.ArgumentParser(prog="acft-convert", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("hf-to-nemo", help="an HF Llama-family folder -> a .nemo")
@@ -35,6 +39,9 @@ def main(argv=None) -> None:
     b.add_argument("--nemo", required=True, help="the .nemo (e.g. run_dir/export/acft_gpt.nemo)")
     b.add_argument("--out", required=True, help="the HF folder to write")
     b.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    for p in (a, b):
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace an existing --out (otherwise refused)")
     args = parser.parse_args(argv)
 
     from nemo_acft.algorithms.setup import quiet_libraries
@@ -46,11 +53,11 @@ def main(argv=None) -> None:
             out = hf_to_nemo(args.hf, args.out, tp=args.tensor_model_parallel_size,
                              seq_length=args.seq_length,
                              divisible_by=args.make_vocab_size_divisible_by,
-                             precision=args.precision)
+                             precision=args.precision, overwrite=args.overwrite)
         else:
-            out = nemo_to_hf(args.nemo, args.out, dtype=args.dtype)
+            out = nemo_to_hf(args.nemo, args.out, dtype=args.dtype, overwrite=args.overwrite)
     except ConversionError as e:
-        sys.exit(f"acft-convert {args.command}: {e}")
+        raise InputError(f"acft-convert {args.command}: {e}") from None
     print(f"wrote {out}")
 
 

@@ -14,20 +14,26 @@ NeMo tokenizer; ``--guided`` with an ACFT ``.nemo`` that holds the head). The ev
 oracle (``--evaluator NAME key=value ...``, default the run's own oracle, or ``lexicon``).
 Writes ``<out>/samples.jsonl`` (``prompt``, ``continuation``, ``score`` = toxicity, ``method``)
 and ``<out>/metrics.json``; ``--compare`` writes ``compare.md`` (one markdown table) and
-``tradeoff.png`` (toxic share against perplexity). Under torchrun, every rank of the world runs
-it (``--tensor-model-parallel-size``); rank 0 writes.
+``tradeoff.png`` (toxic share against perplexity). ``--out`` is written whole under a
+temporary name and renamed; a folder that holds anything is refused unless ``--overwrite``.
+An ``--out`` inside ``--run-dir`` takes the run's ``eval`` lock (refused while the run is being
+trained). Under torchrun, every rank of the world runs it (``--tensor-model-parallel-size``);
+rank 0 writes. Errors are one line, ``error: ...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
-from nemo_acft.io_utils import atomic_write, save_figure
+from nemo_acft.errors import InputError, entry_point
+from nemo_acft.io_utils import atomic_write, replace_dir, save_figure, tmp_name
 
 
 def _kv(pairs: List[str]) -> Dict[str, Any]:
@@ -36,7 +42,7 @@ def _kv(pairs: List[str]) -> Dict[str, Any]:
     out = {}
     for p in pairs:
         if "=" not in p:
-            raise SystemExit(f"--evaluator argument {p!r}: expected key=value")
+            raise InputError(f"--evaluator argument {p!r}: expected key=value")
         k, v = p.split("=", 1)
         out[k] = yaml.safe_load(v)
     return out
@@ -63,7 +69,7 @@ def evaluate(args) -> Dict[str, Any]:
     elif run is not None:
         prompts = run.data.eval_prompts
     else:
-        raise SystemExit("--prompts is required with --nemo")
+        raise InputError("--prompts is required with --nemo")
     prompts = prompts[: args.num_prompts] if args.num_prompts else prompts
     if args.evaluator:
         ev_cfg = {"name": args.evaluator, **_kv(args.evaluator_args)}
@@ -100,7 +106,8 @@ def evaluate(args) -> Dict[str, Any]:
                    max_new_tokens=args.max_new_tokens, top_p=args.top_p, seed=args.seed)
     out = Path(args.out)
     if rank0:
-        save_evaluation(out, rows, metrics)
+        with _output(out) as tmp:
+            save_evaluation(tmp, rows, metrics)
         print(f"{args.method}: toxic share {metrics['toxic_share']:.3f}, EMT {metrics['emt']:.3f}, "
               f"toxicity probability {metrics['tox_prob']:.3f}, perplexity {metrics['ppl']:.3f}, "
               f"distinct-2 {metrics['distinct_2']:.3f}, repeat rate {metrics['repeat_rate']:.3f} "
@@ -118,8 +125,11 @@ def compare(dirs: List[str], out: Path) -> str:
     for d in dirs:
         p = Path(d) / "metrics.json"
         if not p.is_file():
-            raise SystemExit(f"--compare {d}: no metrics.json")
-        m = json.loads(p.read_text())
+            raise InputError(f"--compare {d}: no metrics.json")
+        try:
+            m = json.loads(p.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InputError(f"--compare {d}: {p} is not JSON ({e})") from None
         rows.append((m.get("method") or Path(d).name, m))
     lines = ["| method | " + " | ".join(c for _, c in COLUMNS) + " |",
              "|---|" + "---|" * len(COLUMNS)]
@@ -127,9 +137,15 @@ def compare(dirs: List[str], out: Path) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{m.get(k, math.nan):.3f}" for k, _ in COLUMNS)
                      + " |")
     table = "\n".join(lines) + "\n"
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out / "compare.md") as fh:
-        fh.write(table)
+    with _output(out) as tmp:
+        with atomic_write(tmp / "compare.md") as fh:
+            fh.write(table)
+        _plot(rows, tmp / "tradeoff.png")
+    print(table, end="")
+    return table
+
+
+def _plot(rows, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,12 +160,52 @@ def compare(dirs: List[str], out: Path) -> str:
            title="toxicity vs utility")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    save_figure(fig, out / "tradeoff.png")
-    print(table, end="")
-    return table
+    save_figure(fig, path)
 
 
+def check_output(out: Path, overwrite: bool) -> None:
+    """A folder that holds anything is refused unless ``overwrite``; a file is refused."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"--out {out} exists and is not empty; pass --overwrite to replace it, "
+                         "or choose another folder")
+
+
+@contextlib.contextmanager
+def _output(out: Path):
+    """A temporary folder beside ``out``, put in its place whole when the block succeeds."""
+    tmp = tmp_name(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def _run_lock(args):
+    """The run's ``eval`` lock when ``--out`` is inside ``--run-dir`` (rank 0)."""
+    import torch.distributed as dist
+
+    from nemo_acft.world import world_env
+    from nemo_acft.runlock import lock_run
+
+    inside = args.run_dir and Path(args.out).resolve().is_relative_to(
+        Path(args.run_dir).resolve())
+    if not inside or world_env()["rank"] != 0 or (dist.is_initialized() and dist.get_rank()):
+        yield
+        return
+    with lock_run(args.run_dir, "eval"):
+        yield
+
+
+@entry_point
 def main(argv=None) -> None:
+    """``acft-eval --run-dir R | --nemo F | --compare D ... --out O``"""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--run-dir", help="an acft-train run directory")
@@ -179,11 +235,15 @@ def main(argv=None) -> None:
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an --out folder that holds anything (otherwise refused)")
     args = ap.parse_args(argv)
+    check_output(Path(args.out), args.overwrite)
     if args.compare:
         compare(args.compare, Path(args.out))
         return
-    evaluate(args)
+    with _run_lock(args):
+        evaluate(args)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from nemo_acft.cli.load import STORES
+from nemo_acft.errors import entry_point
 
 
 def registered():
@@ -48,7 +49,9 @@ def registered():
     return NeMoACFTLM
 
 
+@entry_point
 def main(argv=None) -> None:
+    """``acft-harness --run-dir R | --nemo F --tasks T --out O``"""
     ap = argparse.ArgumentParser(description="lm-evaluation-harness tasks on an ACFT checkpoint")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--run-dir", help="an acft-train run directory")
@@ -66,7 +69,12 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--tensor-model-parallel-size", type=int, default=1)
     ap.add_argument("--out", required=True, help="folder for results.json")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an --out folder that holds anything (otherwise refused)")
     args = ap.parse_args(argv)
+    from nemo_acft.cli.eval import _output, check_output
+
+    check_output(Path(args.out), args.overwrite)
 
     import lm_eval
     import torch.distributed as dist
@@ -90,8 +98,7 @@ def main(argv=None) -> None:
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out / "results.json") as fh:
+    with _output(out) as tmp, atomic_write(tmp / "results.json") as fh:
         json.dump({"results": res["results"], "configs": res.get("configs", {}),
                    "checkpoint": got.label, "guided": got.guided}, fh, indent=1, default=str)
     for task, metrics in res["results"].items():

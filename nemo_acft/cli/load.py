@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, NamedTuple, Optional
 
+from nemo_acft.errors import InputError
+
 #: the stores of a run directory that hold θ_k (``exchange`` is ACFT's)
 STORES = ("exchange", "baseline", "filtering", "rl", "nado_decoding")
 
@@ -27,7 +29,7 @@ def _layout(tp: int):
 
     world = world_env()["world_size"]
     if world % tp:
-        raise SystemExit(f"--tensor-model-parallel-size {tp} does not divide the world size "
+        raise InputError(f"--tensor-model-parallel-size {tp} does not divide the world size "
                          f"{world}")
     return Layout(tp, 1, world // tp)
 
@@ -45,22 +47,22 @@ def load_run(run_dir: str, store: str = "exchange", iteration: Optional[int] = N
     rd = Path(run_dir)
     cfg_path = rd / "config.yaml"
     if not cfg_path.is_file():
-        raise SystemExit(f"--run-dir {rd}: no config.yaml (not an acft-train run)")
+        raise InputError(f"--run-dir {rd}: no config.yaml (not an acft-train run)")
     if store not in STORES:
-        raise SystemExit(f"--store {store}: expected one of {STORES}")
+        raise InputError(f"--store {store}: expected one of {STORES}")
     cfg: Dict[str, Any] = yaml.safe_load(cfg_path.read_text())
     st = ArtifactStore(rd / store)
     kind = "nado" if store == "nado_decoding" else "lm"
     its = st.iterations(kind)
     if not its:
-        raise SystemExit(f"--run-dir {rd}: {st.root / kind} holds no iteration")
+        raise InputError(f"--run-dir {rd}: {st.root / kind} holds no iteration")
     k = its[-1] if iteration is None else int(iteration)
     if k not in its:
-        raise SystemExit(f"--iteration {k}: not in {st.root / kind} (have {its})")
+        raise InputError(f"--iteration {k}: not in {st.root / kind} (have {its})")
     if guided and store != "nado_decoding":
         ex = ArtifactStore(rd / "exchange")
         if not ex.exists("nado", k):
-            raise SystemExit(f"--guided: {ex.path('nado', k)} does not exist")
+            raise InputError(f"--guided: {ex.path('nado', k)} does not exist")
     run = Run(cfg, "eval", _layout(tp))
     m = run.model
     if store == "nado_decoding":
@@ -84,9 +86,10 @@ def load_nemo(path: str, guided: bool = False, tp: int = 1, seed: int = 1234) ->
     from nemo_acft.data import TextTokenizer
     from nemo_acft.models.build import build_model
 
+    from nemo_acft.models.nemo_file import check_nemo
+
     p = Path(path)
-    if not p.is_file():
-        raise SystemExit(f"--nemo {p}: no such file")
+    check_nemo(p, "--nemo")
     quiet_libraries()
     cfg = MegatronGPTModel.restore_from(str(p), return_config=True)
     with open_dict(cfg):
@@ -97,6 +100,6 @@ def load_nemo(path: str, guided: bool = False, tp: int = 1, seed: int = 1234) ->
                                      "accelerator": "auto", "precision": cfg.get("precision", 32),
                                      "gradient_clip_val": None})
     if guided and model.acft_restored_base_only:
-        raise SystemExit(f"--guided: {p} holds no NADO head (a plain GPT .nemo); use the "
+        raise InputError(f"--guided: {p} holds no NADO head (a plain GPT .nemo); use the "
                          "acft_with_head.nemo of a run")
     return Loaded(model, TextTokenizer(model.tokenizer), str(p), guided)

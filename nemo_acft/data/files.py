@@ -10,19 +10,36 @@ import json
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple, TypeVar
 
+from nemo_acft.errors import InputError
+
 T = TypeVar("T")
 
 
 def _read_lines(path: str, parse: Callable[[str], T], skip_malformed: bool,
                 what: str) -> Tuple[List[T], int]:
     """``parse`` every non-empty line; a ValueError from it names ``file:line`` or, with
-    ``skip_malformed``, skips the line and counts it. Returns ``(items, n_skipped)``."""
+    ``skip_malformed``, skips the line and counts it. A file that cannot be read, a line that
+    is not UTF-8, or a file without a record is an :class:`~nemo_acft.errors.InputError` naming
+    the file (and line). Returns ``(items, n_skipped)``."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{what} file {p} does not exist")
     items, skipped = [], 0
-    with open(p, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
+    try:
+        fh = open(p, "rb")
+    except OSError as e:
+        raise InputError(f"{what} file {p} cannot be read: {e.strerror}") from None
+    with fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a BOM is not text
+            except UnicodeDecodeError as e:
+                if skip_malformed:
+                    skipped += 1
+                    continue
+                raise InputError(f"{p}:{n}: not UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                 f"{e.start + 1}); expected a UTF-8 text file (set "
+                                 "skip_malformed=true to skip such lines)") from None
             if not line.strip():
                 continue
             try:
@@ -31,10 +48,12 @@ def _read_lines(path: str, parse: Callable[[str], T], skip_malformed: bool,
                 if skip_malformed:
                     skipped += 1
                     continue
-                raise ValueError(f"{p}:{n}: malformed {what} line ({e}); set "
-                                 "skip_malformed=true to skip such lines") from e
+                raise InputError(f"{p}:{n}: malformed {what} line ({e}); set "
+                                 "skip_malformed=true to skip such lines") from None
     if not items:
-        raise ValueError(f"{what} file {p} has no records")
+        raise InputError(f"{what} file {p} has no records" + (
+            f" ({skipped} malformed lines skipped)" if skipped else "")
+            + "; expected at least one")
     return items, skipped
 
 

@@ -10,6 +10,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from nemo_acft import progress
 from nemo_acft.data.lm_dataset import LMDataset
 from nemo_acft.models.generate import SamplingParams
 from nemo_acft.sampling import sample_and_label, texts
@@ -32,6 +33,7 @@ def perplexity(model, data: LMDataset, batch_size: int = 64,
         mask = data.loss_mask[rows]
         total -= float((lp.double() * mask).sum())
         count += float(mask.sum())
+        progress.tick(f"perplexity rows {i}..{i + len(rows)}")
     return math.exp(total / max(count, 1.0))
 
 

@@ -97,7 +97,8 @@ def toxicity_eval(model, tokenizer, prompts: Sequence[str], evaluator, *,
 
 def save_evaluation(out: Path, rows: Sequence[Dict[str, Any]], metrics: Dict[str, Any]) -> None:
     """``<out>/samples.jsonl`` (the rows of :func:`toxicity_eval`) and ``<out>/metrics.json``,
-    each written to a temporary name and renamed."""
+    each written to a temporary name and renamed (``out`` may be a temporary folder that the
+    caller renames whole)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(out / "samples.jsonl") as fh:

@@ -40,10 +40,14 @@ def make_trainer(devices: int, num_nodes: int = 1, accelerator: str = "auto",
                    enable_progress_bar=False, max_steps=-1)
 
 
-def with_layout(cfg: DictConfig, tp: int, pp: int) -> DictConfig:
-    """A copy of the model config at tensor/pipeline sizes ``tp``/``pp`` (the global batch
-    sizes are the algorithms' business: each step passes its own), adapted to a CPU-only torch
-    where CUDA is absent (:func:`nemo_acft.cpu_compat.cpu_model_config`)."""
+def with_layout(cfg: DictConfig, tp: int, pp: int, dp: int = 1) -> DictConfig:
+    """A copy of the model config at tensor/pipeline sizes ``tp``/``pp`` in a world of data
+    parallel size ``dp``, adapted to a CPU-only torch where CUDA is absent
+    (:func:`nemo_acft.cpu_compat.cpu_model_config`). The batch sizes are the algorithms'
+    business (each step passes its own); NeMo only checks at construction that the global
+    batch divides into micro-batches over the data-parallel ranks, so a world where the LM
+    group's sizes do not (the oracle group at another data-parallel size) is built with one
+    micro-batch per rank."""
     from nemo_acft.cpu_compat import cpu_model_config
 
     out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
@@ -51,22 +55,28 @@ def with_layout(cfg: DictConfig, tp: int, pp: int) -> DictConfig:
         out.tensor_model_parallel_size = tp
         out.pipeline_model_parallel_size = pp
         out.pop("restore_from_path", None)
+        mbs = int(out.get("micro_batch_size", 1))
+        if int(out.get("global_batch_size", mbs)) % (mbs * dp):
+            out.global_batch_size = mbs * dp
     return cpu_model_config(out)
 
 
 def build_model(model_cfg: DictConfig, *, tp: int, pp: int, trainer_cfg: Dict[str, Any],
-                seed: int, restore_from: Optional[str] = None):
+                seed: int, restore_from: Optional[str] = None, timeout_s: float = 1800):
     """Initialise this process's world (tensor ``tp`` × pipeline ``pp`` × data parallel) and
     build the model on the device: fresh from ``model_cfg``, or ``restore_from`` a GPT or ACFT
     ``.nemo`` with ``model_cfg`` as its config (NeMo reshards a distributed-checkpoint ``.nemo``
-    to this layout; a plain GPT's head starts at zero)."""
+    to this layout; a plain GPT's head starts at zero). ``timeout_s``: of every collective (a
+    dead or stopped peer fails the others after this long)."""
     from nemo_acft.models.acft_model import MegatronGPTACFTModel
     from nemo_acft.models.checkpoint import _in_process_results_queue
     from nemo_acft.models.parallel import init_distributed
 
+    from nemo_acft.models.parallel import world_env
+
     _in_process_results_queue()  # before NeMo's own first checkpoint save (see there)
-    cfg = with_layout(model_cfg, tp, pp)
-    init_distributed(tp=tp, pp=pp, seed=seed)
+    cfg = with_layout(model_cfg, tp, pp, max(world_env()["world_size"] // (tp * pp), 1))
+    init_distributed(tp=tp, pp=pp, seed=seed, timeout_s=timeout_s)
     trainer = make_trainer(**trainer_cfg)
     if restore_from:
         model = MegatronGPTACFTModel.restore_from(restore_from, trainer=trainer,

@@ -13,6 +13,8 @@ import torch.distributed as dist
 from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import MegatronGPTModel
 from omegaconf import open_dict
 
+from nemo_acft.io_utils import tmp_name
+
 PLAIN_TARGET = f"{MegatronGPTModel.__module__}.{MegatronGPTModel.__name__}"
 
 
@@ -21,11 +23,15 @@ def _rank() -> int:
 
 
 def _atomic_save_to(model, path: str | os.PathLike) -> Path:
-    """``model.save_to`` (collective under model parallelism) into a temporary name, renamed by
-    rank 0 once every rank has written its part."""
+    """``model.save_to`` (collective under model parallelism) into rank 0's temporary name
+    (:func:`~nemo_acft.io_utils.tmp_name`: unique per process), renamed by rank 0 once every
+    rank has written its part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    box = [str(tmp_name(path, path.suffix))]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    tmp = Path(box[0])
     model.save_to(str(tmp))
     if dist.is_initialized():
         dist.barrier()

@@ -45,6 +45,9 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from nemo_acft.io_utils import replace_dir, tmp_name
+from nemo_acft.models.nemo_file import check_nemo
+
 #: HF Llama config keys this converter reads, and what they must be when they are not free
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 UNSUPPORTED_FLAGS = {"attention_bias": False, "mlp_bias": False, "hidden_act": "silu"}
@@ -293,15 +296,23 @@ def save_hf_tokenizer(nemo_tokenizer, out: Path) -> None:
 # --- the two directions ----------------------------------------------------------------------
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def check_output(dst: Path, overwrite: bool, what: str = "--out") -> None:
+    """An output that exists (a file, or a folder with anything in it) is refused unless
+    ``overwrite`` (it is then replaced whole, at the end)."""
+    if dst.is_file() or (dst.is_dir() and any(dst.iterdir())):
+        if not overwrite:
+            raise ConversionError(f"{what} {dst} exists and is not empty; pass --overwrite to "
+                                  "replace it, or choose another path")
+    elif dst.exists() and not dst.is_dir():
+        raise ConversionError(f"{what} {dst} exists and is not a file or folder")
 
 
 def hf_to_nemo(hf_dir: str, out: str, *, tp: int = 1, seq_length: Optional[int] = None,
-               divisible_by: int = 128, precision: Any = 32) -> Path:
+               divisible_by: int = 128, precision: Any = 32, overwrite: bool = False) -> Path:
     """Convert an HF Llama-family folder into a ``.nemo`` (stock ``MegatronGPTModel``'s);
     ``tp`` is the largest tensor-parallel size it will be trained at (checked; the vocabulary is
-    padded for it). In a world of one process (it initialises one when there is none)."""
+    padded for it). In a world of one process (it initialises one when there is none). An
+    existing ``out`` is refused unless ``overwrite``."""
     from nemo_acft import config as schema
     from nemo_acft.config import Layout
     from nemo_acft.cpu_compat import apply_nemo
@@ -310,6 +321,9 @@ def hf_to_nemo(hf_dir: str, out: str, *, tp: int = 1, seq_length: Optional[int] 
     src, dst = Path(hf_dir), Path(out)
     if not dst.name.endswith(".nemo"):
         raise ConversionError(f"--out {dst}: expected a path ending in .nemo")
+    check_output(dst, overwrite)
+    if tokenizer_folder(dst).exists():
+        check_output(tokenizer_folder(dst), overwrite, "--out's tokenizer folder")
     hf = read_hf_config(src)
     files = hf_weight_files(src)
     tok_cfg, tok = hf_tokenizer_config(src, dst)
@@ -333,7 +347,7 @@ def hf_to_nemo(hf_dir: str, out: str, *, tp: int = 1, seq_length: Optional[int] 
     dst.parent.mkdir(parents=True, exist_ok=True)
     folder_tmp = None
     if tok_cfg["library"] == "huggingface":  # the folder the config points at, renamed last
-        folder_tmp = _tmp_name(tokenizer_folder(dst))
+        folder_tmp = tmp_name(tokenizer_folder(dst))
         shutil.rmtree(folder_tmp, ignore_errors=True)
         tok.save_pretrained(str(folder_tmp))
         tok_cfg_build = {**tok_cfg, "type": str(folder_tmp)}
@@ -374,23 +388,22 @@ def _build_and_save(cfg, tok_cfg, tok_cfg_build, sd, hf, src: Path, dst: Path, f
         with_cfg = model.cfg
         OmegaConf.set_struct(with_cfg, False)
         with_cfg.tokenizer.type = tok_cfg["type"]
-    tmp = _tmp_name(dst)
+    tmp = tmp_name(dst, ".nemo")
     try:
         model.save_to(str(tmp))
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     if folder_tmp is not None:
-        final = tokenizer_folder(dst)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(folder_tmp, final)
+        replace_dir(folder_tmp, tokenizer_folder(dst))
     os.replace(tmp, dst)
 
 
-def nemo_to_hf(nemo: str, out: str, *, dtype: str = "float32") -> Path:
+def nemo_to_hf(nemo: str, out: str, *, dtype: str = "float32", overwrite: bool = False) -> Path:
     """Convert a GPT or ACFT ``.nemo`` of a Llama-family architecture into an HF folder (the
     trunk; an ACFT ``.nemo``'s NADO head is not part of an HF Llama). Restored at TP = 1 (NeMo
-    reshards a ``.nemo`` written at any TP)."""
+    reshards a ``.nemo`` written at any TP). A folder ``out`` that holds anything is refused
+    unless ``overwrite``; then it is replaced whole (:func:`~nemo_acft.io_utils.replace_dir`)."""
     from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import MegatronGPTModel
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -399,8 +412,11 @@ def nemo_to_hf(nemo: str, out: str, *, dtype: str = "float32") -> Path:
     from nemo_acft.models.build import build_model
 
     src, dst = Path(nemo), Path(out)
-    if not src.is_file():
-        raise ConversionError(f"--nemo {src}: no such file")
+    try:
+        check_nemo(src, "--nemo")
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+    check_output(dst, overwrite)
     cfg = MegatronGPTModel.restore_from(str(src), return_config=True)
     check_llama_nemo(cfg, src)
     with open_dict(cfg):
@@ -435,13 +451,15 @@ def nemo_to_hf(nemo: str, out: str, *, dtype: str = "float32") -> Path:
         raise ConversionError(f"--nemo {src}: the mapped weights do not fit LlamaForCausalLM: "
                               f"missing {bad}, unexpected {list(result.unexpected_keys)}")
     hf_model = hf_model.to(getattr(torch, dtype))
-    tmp = _tmp_name(dst)
+    tmp = tmp_name(dst)
     shutil.rmtree(tmp, ignore_errors=True)
-    hf_model.save_pretrained(str(tmp))
-    save_hf_tokenizer(model.tokenizer, tmp)
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)
+    try:
+        hf_model.save_pretrained(str(tmp))
+        save_hf_tokenizer(model.tokenizer, tmp)
+        replace_dir(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return dst
 
 

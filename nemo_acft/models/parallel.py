@@ -18,24 +18,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from nemo_acft.world import world_env
+
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def world_env() -> dict:
-    """``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` of this process: torchrun's (or the launcher's)
-    variables, else Slurm's task variables, else a world of one."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return {"rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"]),
-                "local_rank": int(env.get("LOCAL_RANK", 0))}
-    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
-        return {"rank": int(env["SLURM_PROCID"]), "world_size": int(env["SLURM_STEP_NUM_TASKS"]),
-                "local_rank": int(env.get("SLURM_LOCALID", 0))}
-    return {"rank": 0, "world_size": 1, "local_rank": 0}
 
 
 def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234,
@@ -73,7 +62,8 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234,
         raise ValueError(f"world size {world} is not a multiple of tensor_model_parallel_size "
                          f"* pipeline_model_parallel_size = {tp} * {pp}")
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        distributed_timeout_minutes=max(1, int(round(timeout_s / 60))),
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

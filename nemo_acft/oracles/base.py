@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import List, Optional, Protocol, Sequence, runtime_checkable
 
+from nemo_acft import progress
+
 
 @runtime_checkable
 class Oracle(Protocol):
@@ -39,6 +41,7 @@ def score_robust(oracle: Oracle, texts: Sequence[str], batch_size: int = 64) -> 
                 except Exception:
                     scores.append(None)
         out.extend(_checked(s) for s in scores)
+        progress.tick(f"{oracle.name} scored {len(out)} of {len(texts)} texts")
     return out
 
 

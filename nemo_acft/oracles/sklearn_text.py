@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import json
-import pickle
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -28,7 +27,15 @@ FORMATS = ("csv", "jsonl", "toxigen_dir")
 def read_labelled(path: str, fmt: str, text_column: str = "text", label_column: str = "label",
                   satisfying_labels: Sequence = ("1",)) -> Tuple[List[str], List[int]]:
     """Texts and 0/1 labels (1 = satisfies) from a labelled file; errors name file and key."""
-    p = Path(path)
+    try:
+        return _read_labelled(Path(path), fmt, text_column, label_column, satisfying_labels)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"sklearn_text oracle: {path}: not UTF-8 (byte 0x{e.object[e.start]:02x} "
+                         f"at offset {e.start}); expected a UTF-8 text file") from None
+
+
+def _read_labelled(p: Path, fmt: str, text_column: str, label_column: str,
+                   satisfying_labels: Sequence) -> Tuple[List[str], List[int]]:
     if fmt not in FORMATS:
         raise ValueError(f"sklearn_text oracle: format={fmt!r}: expected one of {FORMATS}")
     if not p.exists():
@@ -41,13 +48,13 @@ def read_labelled(path: str, fmt: str, text_column: str = "text", label_column: 
             raise ValueError(f"sklearn_text oracle: {p} has no hate_*.txt / neutral_*.txt files")
         for f in files:
             label = f.name.split("_", 1)[0]
-            for line in f.read_text().splitlines():
+            for line in f.read_text(encoding="utf-8").splitlines():
                 if line.strip():
                     texts.append(line.strip())
                     raw.append(label)
         sat = {"neutral"}
     elif fmt == "csv":
-        with open(p, newline="") as fh:
+        with open(p, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
             for key in (text_column, label_column):
                 if key not in (reader.fieldnames or []):
@@ -57,7 +64,7 @@ def read_labelled(path: str, fmt: str, text_column: str = "text", label_column: 
                 texts.append(row[text_column])
                 raw.append(str(row[label_column]))
     else:
-        with open(p) as fh:
+        with open(p, encoding="utf-8") as fh:
             for n, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
@@ -123,14 +130,37 @@ class SklearnTextOracle:
         return [float(x) for x in proba]
 
     def save(self, path: str) -> None:
-        """Pickle the fitted pipeline, written to a temporary name and renamed."""
+        """Write the fitted pipeline with skops (``skops.io``: a format that lists the types it
+        holds and executes nothing on load), to a temporary name and renamed."""
+        import skops.io as sio
+
         with atomic_write(path, "wb") as fh:
-            pickle.dump(self.pipeline, fh)
+            fh.write(sio.dumps(self.pipeline))
+
+    @classmethod
+    def check_saved(cls, path: str) -> None:
+        """A file :meth:`load` accepts: it exists and holds only types skops trusts (scikit-
+        learn's estimators, numpy, scipy); nothing is loaded."""
+        import skops.io as sio
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"sklearn_text oracle: model file {path} does not exist")
+        try:
+            untrusted = sio.get_untrusted_types(file=path)
+        except Exception as e:  # not a skops archive (a pickle, a truncated file)
+            raise ValueError(f"sklearn_text oracle: model_path={path}: not a skops file "
+                             f"written by SklearnTextOracle.save ({type(e).__name__}: {e}); "
+                             "pickles are not loaded") from None
+        if untrusted:
+            raise ValueError(f"sklearn_text oracle: model_path={path} holds types that are not "
+                             f"trusted ({untrusted[:5]}); only scikit-learn pipelines are "
+                             "loaded")
 
     @classmethod
     def load(cls, path: str) -> "SklearnTextOracle":
-        """Load a pipeline written by :meth:`save` (a trusted file: it is a pickle)."""
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"sklearn_text oracle: model file {path} does not exist")
-        with open(path, "rb") as fh:
-            return cls(pickle.load(fh))
+        """Load a pipeline written by :meth:`save` (skops, trusted types only: a file handed
+        over runs no code)."""
+        import skops.io as sio
+
+        cls.check_saved(path)
+        return cls(sio.load(path))

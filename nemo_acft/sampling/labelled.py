@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from nemo_acft import progress
 from nemo_acft.models.generate import Samples, SamplingParams
 from nemo_acft.oracles import score_robust, to_labels
 
@@ -77,9 +78,11 @@ def generate_batched(model, tokenizer, prompts: Sequence[str], params: SamplingP
             continue
         chunk = [tokenizer.encode(p) or [tokenizer.eos_id] for p in prompts[i:i + batch_size]]
         mine.append((b, model.generate(chunk, replace(params, seed=params.seed + b), guided)))
+        progress.tick(f"sampled batch {b} ({len(chunk)} prompts)")
     if dp > 1:
         gathered: List = [None] * dp
-        dist.all_gather_object(gathered, mine, group=group)
+        with progress.waiting("the other data-parallel ranks' samples"):
+            dist.all_gather_object(gathered, mine, group=group)
         mine = [x for part in gathered for x in part]
     return merge([s for _, s in sorted(mine, key=lambda x: x[0])], tokenizer.pad_id)
 
@@ -98,7 +101,8 @@ def score(oracle, items: Sequence[str], batch_size: int = 256) -> List[Optional[
     hold the oracle; others pass None) and broadcast to every rank."""
     out = [score_robust(oracle, list(items), batch_size=batch_size) if _rank() == 0 else None]
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(out, src=0)
+        with progress.waiting("rank 0's oracle scores"):
+            dist.broadcast_object_list(out, src=0)
     return out[0]
 
 
