@@ -137,6 +137,12 @@ def _refused(cmd, run_dir) -> float:
     return seconds
 
 
+def manifests(run: Path) -> dict:
+    """Every artifact manifest of a run with its modification time."""
+    return {str(p.relative_to(run)): p.stat().st_mtime_ns
+            for p in run.glob("**/iter_*/manifest.json") if "eval" not in p.parts}
+
+
 def _wait_held(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not (path.is_file() and path.read_text().strip()):
@@ -157,6 +163,7 @@ def test_second_driver_role_copies_and_finish_are_refused_at_once(tmp_path, cach
     shutil.rmtree(run / "export")
     (run / "summary.json").unlink()
 
+    before = manifests(run)
     first = subprocess.Popen(_train(run, cache), cwd=REPO, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     _wait_held(run / ".locks" / "all.lock", first)
@@ -166,8 +173,10 @@ def test_second_driver_role_copies_and_finish_are_refused_at_once(tmp_path, cach
                        "--out", str(run / "my_eval")], run)]
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-3000:]
+    assert "done:" in out and (run / "export" / "acft_gpt.nemo").is_file()
     assert summary_core(run) == summary_core(seq_run)
     assert not (run / "my_eval").exists()
+    assert manifests(run) == before, "a rerun of a finished run trained something again"
 
     shutil.rmtree(run / "export")
     finish = subprocess.Popen(_train(run, cache, "role=finish"), cwd=REPO,

@@ -384,19 +384,13 @@ def test_sigusr1_checkpoints_and_stops_then_resumes(tmp_path, cache):
 
 
 def test_acft_train_command_line(tmp_path, cache):
-    """The entry point itself: Hydra's override errors before anything is written, then a run
-    whose rerun resumes (nothing trained again)."""
+    """The entry point itself: Hydra's override errors before anything is written. (That a
+    rerun of a finished run trains nothing again, prints ``done:`` and leaves the .nemo files
+    in place: tests/test_run_lock.py, whose first driver is such a rerun.)"""
     run_dir = tmp_path / "cli"
     p = cli(run_dir, cache, "model.acft.lamda=1", timeout=120)
-    assert p.returncode != 0 and "Could not override 'model.acft.lamda'" in p.stderr + p.stdout
+    assert p.returncode == 2 and "Could not override 'model.acft.lamda'" in p.stderr + p.stdout
     assert not run_dir.exists()
-    p = cli(run_dir, cache, "model.acft.iterations=1")
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "done:" in p.stdout and (run_dir / "export" / "acft_gpt.nemo").is_file()
-    mtime = (run_dir / "exchange" / "lm" / "iter_000001" / "manifest.json").stat().st_mtime
-    p = cli(run_dir, cache, "model.acft.iterations=1")
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert (run_dir / "exchange" / "lm" / "iter_000001" / "manifest.json").stat().st_mtime == mtime
 
 
 def test_bad_configs_fail_before_anything_is_written(tmp_path, cache):

@@ -106,7 +106,7 @@ def evaluate(args) -> Dict[str, Any]:
                    max_new_tokens=args.max_new_tokens, top_p=args.top_p, seed=args.seed)
     out = Path(args.out)
     if rank0:
-        with _output(out) as tmp:
+        with output_folder(out) as tmp:
             save_evaluation(tmp, rows, metrics)
         print(f"{args.method}: toxic share {metrics['toxic_share']:.3f}, EMT {metrics['emt']:.3f}, "
               f"toxicity probability {metrics['tox_prob']:.3f}, perplexity {metrics['ppl']:.3f}, "
@@ -137,7 +137,7 @@ def compare(dirs: List[str], out: Path) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{m.get(k, math.nan):.3f}" for k, _ in COLUMNS)
                      + " |")
     table = "\n".join(lines) + "\n"
-    with _output(out) as tmp:
+    with output_folder(out) as tmp:
         with atomic_write(tmp / "compare.md") as fh:
             fh.write(table)
         _plot(rows, tmp / "tradeoff.png")
@@ -173,7 +173,7 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def _output(out: Path):
+def output_folder(out: Path):
     """A temporary folder beside ``out``, put in its place whole when the block succeeds."""
     tmp = tmp_name(out)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -187,8 +187,9 @@ def _output(out: Path):
 
 
 @contextlib.contextmanager
-def _run_lock(args):
-    """The run's ``eval`` lock when ``--out`` is inside ``--run-dir`` (rank 0)."""
+def run_lock_for(args):
+    """The run's ``eval`` lock when ``--out`` is inside ``--run-dir`` (rank 0; acft-eval's
+    and acft-harness's)."""
     import torch.distributed as dist
 
     from nemo_acft.world import world_env
@@ -242,7 +243,7 @@ def main(argv=None) -> None:
     if args.compare:
         compare(args.compare, Path(args.out))
         return
-    with _run_lock(args):
+    with run_lock_for(args):
         evaluate(args)
 
 

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from nemo_acft.cli.eval import check_output, output_folder, run_lock_for
 from nemo_acft.cli.load import STORES
 from nemo_acft.errors import entry_point
 
@@ -72,10 +73,13 @@ def main(argv=None) -> None:
     ap.add_argument("--overwrite", action="store_true",
                     help="replace an --out folder that holds anything (otherwise refused)")
     args = ap.parse_args(argv)
-    from nemo_acft.cli.eval import _output, check_output
-
     check_output(Path(args.out), args.overwrite)
+    with run_lock_for(args):
+        _harness(args)
 
+
+def _harness(args) -> None:
+    """Load the checkpoint, run the tasks, write ``results.json``."""
     import lm_eval
     import torch.distributed as dist
     from lm_eval.tasks import TaskManager
@@ -98,7 +102,7 @@ def main(argv=None) -> None:
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     out = Path(args.out)
-    with _output(out) as tmp, atomic_write(tmp / "results.json") as fh:
+    with output_folder(out) as tmp, atomic_write(tmp / "results.json") as fh:
         json.dump({"results": res["results"], "configs": res.get("configs", {}),
                    "checkpoint": got.label, "guided": got.guided}, fh, indent=1, default=str)
     for task, metrics in res["results"].items():
